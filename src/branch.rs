@@ -1,0 +1,618 @@
+//! One branch: a Raft member holding a replica of the account, its two gRPC listeners
+//! (customer API + health, peer API), readiness, and shutdown.
+//!
+//! The operations customers see are built here from openraft's primitives:
+//! - a write (deposit, withdraw, or a query that carries an event id) is appended through the
+//!   leader, forwarded there over the peer service when this branch is not the leader, and
+//!   answered only once **this** branch's replica has applied it;
+//! - a query is a linearizable read on this branch: the leader confirms its leadership and
+//!   names a read index (ReadIndex, one round to the voters), this replica waits until it has
+//!   applied that index, then reads locally. A query's answer is recorded under its event id
+//!   on the branch that gave it, so a retried or re-run query gets the same answer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::account::{Command, Operation, Outcome};
+use crate::proto;
+use crate::proto::bank::bank_server::BankServer;
+use crate::proto::peer::peer_server::PeerServer;
+use crate::replication::network::{MAX_PEER_MESSAGE, PeerChannels};
+use crate::replication::store::{LogStore, StateMachine};
+use crate::replication::{NodeId, Raft, RaftTiming, raft_config};
+use crate::service::bank::BankService;
+use crate::service::peer::PeerService;
+
+/// How one branch is configured.
+#[derive(Debug, Clone)]
+pub struct BranchConfig {
+    /// This branch's id (its Raft node id).
+    pub id: NodeId,
+    /// The account's balance before any event (the same on every branch).
+    pub initial_balance: u64,
+    /// Every branch's peer-API address (`host:port`), this one included.
+    pub members: BTreeMap<NodeId, String>,
+    /// How many branches vote (the lowest ids); the others are non-voting replicas.
+    pub voters: usize,
+    pub timing: RaftTiming,
+    /// How long a customer request may wait for consensus before it fails with UNAVAILABLE.
+    pub request_timeout: Duration,
+}
+
+impl BranchConfig {
+    /// The voting members: the `voters` lowest branch ids.
+    pub fn voter_ids(&self) -> BTreeSet<NodeId> {
+        self.members.keys().copied().take(self.voters.max(1)).collect()
+    }
+}
+
+/// Why a branch could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum BranchError {
+    #[error("branch {id} is not in the member list ({members})")]
+    NotAMember { id: NodeId, members: String },
+    #[error("invalid Raft configuration: {0}")]
+    Config(#[from] openraft::ConfigError),
+    #[error("Raft failed to start: {0}")]
+    Start(String),
+    #[error("cannot listen on {what}: {source}")]
+    Listen {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// Consensus could not be reached in time (no leader, no quorum, peers unreachable). The
+    /// request may still take effect: retry it with the same event id.
+    #[error("not available: {0}")]
+    Unavailable(String),
+    #[error("the branch is shutting down")]
+    ShuttingDown,
+}
+
+/// A cheap-to-clone handle to a running branch's consensus state.
+#[derive(Clone)]
+pub struct Branch {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: NodeId,
+    raft: Raft,
+    state: StateMachine,
+    peers: PeerChannels,
+    request_timeout: Duration,
+    /// Answers given to queries, by event id (this branch's own; queries are not replicated).
+    queries: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+}
+
+/// The leader's answer to a forwarded write.
+#[derive(Debug, Clone, Copy)]
+pub struct Committed {
+    pub log_index: u64,
+    pub outcome: Outcome,
+}
+
+impl Branch {
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// The local replica's current balance (for inspection; not a linearizable read).
+    pub fn local_balance(&self) -> u64 {
+        self.inner.state.balance()
+    }
+
+    /// Executes one customer operation with linearizable semantics (see the module docs).
+    pub async fn execute(&self, event_id: Option<u64>, operation: Operation) -> Result<Outcome, BranchError> {
+        let deadline = Instant::now() + self.inner.request_timeout;
+        let Some(command) = Command::for_request(event_id, operation) else {
+            return self.query(event_id, deadline).await;
+        };
+        if let Some(id) = event_id
+            && self.recorded_query(id).is_some()
+        {
+            return Ok(Outcome::EventIdReused {
+                recorded: Operation::Query,
+            });
+        }
+        let committed = self.submit(command, deadline).await?;
+        // Answer only once this replica shows the change: the customer's own branch then
+        // reflects every write it acknowledged.
+        self.wait_applied(committed.log_index, deadline).await?;
+        Ok(match committed.outcome {
+            Outcome::EventIdReused { .. } => Outcome::EventIdReused {
+                recorded: event_id
+                    .and_then(|id| self.inner.state.recorded_operation(id))
+                    .unwrap_or(operation),
+            },
+            outcome => outcome,
+        })
+    }
+
+    /// A query: a linearizable read, recorded under its event id (first answer wins).
+    async fn query(&self, event_id: Option<u64>, deadline: Instant) -> Result<Outcome, BranchError> {
+        let Some(id) = event_id else {
+            return self.linearizable_read(deadline).await;
+        };
+        if let Some(balance) = self.recorded_query(id) {
+            return Ok(Outcome::Balance(balance));
+        }
+        let outcome = self.linearizable_read(deadline).await?;
+        // After the read barrier this replica knows every write committed before the query
+        // began, so a write recorded under the same id is seen here.
+        if let Some(recorded) = self.inner.state.recorded_operation(id) {
+            return Ok(Outcome::EventIdReused { recorded });
+        }
+        let Outcome::Balance(balance) = outcome else {
+            return Ok(outcome);
+        };
+        let mut queries = self.inner.queries.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(Outcome::Balance(*queries.entry(id).or_insert(balance)))
+    }
+
+    fn recorded_query(&self, event_id: u64) -> Option<u64> {
+        let queries = self.inner.queries.lock().unwrap_or_else(|p| p.into_inner());
+        queries.get(&event_id).copied()
+    }
+
+    /// Appends `command` through the current leader, retrying across leader changes until
+    /// `deadline`.
+    async fn submit(&self, command: Command, deadline: Instant) -> Result<Committed, BranchError> {
+        let mut metrics = self.inner.raft.metrics();
+        let mut last_error = "no leader elected yet".to_string();
+        loop {
+            let leader = metrics.borrow().current_leader;
+            match leader {
+                Some(leader) if leader == self.inner.id => {
+                    match tokio::time::timeout_at(deadline, self.submit_local(command)).await {
+                        Ok(Ok(committed)) => return Ok(committed),
+                        Ok(Err(SubmitError::NotLeader)) => last_error = "leadership moved".into(),
+                        Ok(Err(SubmitError::Failed(e))) => return Err(e),
+                        Err(_) => break,
+                    }
+                }
+                Some(leader) => match self.forward(leader, command, deadline).await {
+                    Ok(committed) => return Ok(committed),
+                    Err(e) => last_error = e,
+                },
+                None => {}
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            // Wait for news (a leader change) or a short backoff, whichever comes first.
+            let backoff = Instant::now() + Duration::from_millis(20);
+            let _ = tokio::time::timeout_at(backoff.min(deadline), metrics.changed()).await;
+        }
+        Err(BranchError::Unavailable(format!(
+            "no commit within {:?}: {last_error}",
+            self.inner.request_timeout
+        )))
+    }
+
+    /// Appends `command` on this branch, which must be the leader (the peer service's
+    /// `Submit` lands here; it never forwards again, so requests cannot loop).
+    pub(crate) async fn submit_local(&self, command: Command) -> Result<Committed, SubmitError> {
+        match self.inner.raft.client_write(command).await {
+            Ok(response) => Ok(Committed {
+                log_index: response.log_id.index,
+                outcome: response.data.outcome,
+            }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(SubmitError::NotLeader),
+            Err(RaftError::APIError(e)) => Err(SubmitError::Failed(BranchError::Unavailable(e.to_string()))),
+            Err(RaftError::Fatal(_)) => Err(SubmitError::Failed(BranchError::ShuttingDown)),
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, command: Command, deadline: Instant) -> Result<Committed, String> {
+        let mut client = self.peer_client(leader)?;
+        let (operation, amount) = proto::operation_to_peer(command.operation());
+        let mut request = tonic::Request::new(proto::peer::SubmitRequest {
+            event_id: command.event_id(),
+            operation: operation as i32,
+            amount,
+        });
+        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        let reply = client
+            .submit(request)
+            .await
+            .map_err(|status| format!("forwarding to leader {leader}: {}", status.message()))?
+            .into_inner();
+        let outcome = proto::outcome_from_peer(reply.outcome, reply.balance)
+            .ok_or_else(|| format!("leader {leader} sent an unknown outcome {}", reply.outcome))?;
+        Ok(Committed {
+            log_index: reply.log_index,
+            outcome,
+        })
+    }
+
+    /// A linearizable read of the balance on this branch.
+    pub async fn linearizable_read(&self, deadline: Instant) -> Result<Outcome, BranchError> {
+        let read_index = self.read_index(deadline).await?;
+        if let Some(index) = read_index {
+            self.wait_applied(index, deadline).await?;
+        }
+        Ok(self.inner.state.query())
+    }
+
+    /// Asks the leader (possibly this branch) for the index a linearizable read must wait for.
+    async fn read_index(&self, deadline: Instant) -> Result<Option<u64>, BranchError> {
+        let mut metrics = self.inner.raft.metrics();
+        let mut last_error = "no leader elected yet".to_string();
+        loop {
+            let leader = metrics.borrow().current_leader;
+            match leader {
+                Some(leader) if leader == self.inner.id => {
+                    match tokio::time::timeout_at(deadline, self.local_read_index()).await {
+                        Ok(Ok(index)) => return Ok(index),
+                        Ok(Err(e)) => last_error = e,
+                        Err(_) => break,
+                    }
+                }
+                Some(leader) => match self.forward_read_index(leader, deadline).await {
+                    Ok(index) => return Ok(index),
+                    Err(e) => last_error = e,
+                },
+                None => {}
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            let backoff = Instant::now() + Duration::from_millis(20);
+            let _ = tokio::time::timeout_at(backoff.min(deadline), metrics.changed()).await;
+        }
+        Err(BranchError::Unavailable(format!("no read index: {last_error}")))
+    }
+
+    /// ReadIndex on the leader: confirms leadership with a quorum round.
+    pub(crate) async fn local_read_index(&self) -> Result<Option<u64>, String> {
+        match self.inner.raft.get_read_log_id().await {
+            Ok((read_log_id, _applied)) => Ok(read_log_id.map(|id| id.index)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn forward_read_index(&self, leader: NodeId, deadline: Instant) -> Result<Option<u64>, String> {
+        let mut client = self.peer_client(leader)?;
+        let mut request = tonic::Request::new(proto::peer::ReadIndexRequest {});
+        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        let reply = client
+            .read_index(request)
+            .await
+            .map_err(|status| format!("read index from leader {leader}: {}", status.message()))?;
+        Ok(reply.into_inner().read_index)
+    }
+
+    fn peer_client(
+        &self,
+        target: NodeId,
+    ) -> Result<proto::peer::peer_client::PeerClient<tonic::transport::Channel>, String> {
+        let metrics = self.inner.raft.metrics();
+        let addr = metrics
+            .borrow()
+            .membership_config
+            .nodes()
+            .find(|(id, _)| **id == target)
+            .map(|(_, node)| node.addr.clone())
+            .ok_or_else(|| format!("leader {target} is not in the known membership"))?;
+        self.inner
+            .peers
+            .client(target, &addr)
+            .map_err(|e| format!("bad address {addr} for branch {target}: {e}"))
+    }
+
+    async fn wait_applied(&self, index: u64, deadline: Instant) -> Result<(), BranchError> {
+        if self.inner.state.last_applied_index() >= Some(index) {
+            return Ok(());
+        }
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        self.inner
+            .raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "customer request")
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                openraft::metrics::WaitError::ShuttingDown => BranchError::ShuttingDown,
+                openraft::metrics::WaitError::Timeout(..) => {
+                    BranchError::Unavailable(format!("this replica did not apply log index {index} in time"))
+                }
+            })
+    }
+}
+
+/// Why `submit_local` did not commit.
+#[derive(Debug)]
+pub(crate) enum SubmitError {
+    /// This branch is not the leader (any more): the caller should find the new one.
+    NotLeader,
+    Failed(BranchError),
+}
+
+/// A started branch: its handle, its addresses, and the tasks serving it.
+pub struct RunningBranch {
+    pub branch: Branch,
+    pub customer_addr: std::net::SocketAddr,
+    pub peer_addr: std::net::SocketAddr,
+    ready: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<Result<(), BranchError>>,
+}
+
+impl RunningBranch {
+    /// Resolves once the branch reports SERVING (it can answer linearizably).
+    pub async fn ready(&self) {
+        let mut ready = self.ready.clone();
+        let _ = ready.wait_for(|ready| *ready).await;
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Waits until the branch has shut down (after its shutdown token was cancelled).
+    pub async fn join(self) -> Result<(), BranchError> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(BranchError::Start(format!("branch task failed: {e}"))),
+        }
+    }
+}
+
+/// Starts a branch on the given listeners; it runs until `shutdown` is cancelled.
+///
+/// `customer` serves the original `Bank` API and `grpc.health.v1`; `peer` serves the peer-only
+/// API. Health reports NOT_SERVING until the branch can answer a linearizable read.
+pub async fn start(
+    config: BranchConfig,
+    customer: TcpListener,
+    peer: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<RunningBranch, BranchError> {
+    if !config.members.contains_key(&config.id) {
+        return Err(BranchError::NotAMember {
+            id: config.id,
+            members: config
+                .members
+                .keys()
+                .map(|id| id.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        });
+    }
+    let customer_addr = customer.local_addr().map_err(|source| BranchError::Listen {
+        what: "customer API",
+        source,
+    })?;
+    let peer_addr = peer.local_addr().map_err(|source| BranchError::Listen {
+        what: "peer API",
+        source,
+    })?;
+
+    let state = StateMachine::new(config.initial_balance);
+    let peers = PeerChannels::new(Duration::from_secs(2));
+    let raft = Raft::new(
+        config.id,
+        Arc::new(raft_config(config.timing)?),
+        peers.clone(),
+        LogStore::default(),
+        state.clone(),
+    )
+    .await
+    .map_err(|e| BranchError::Start(e.to_string()))?;
+    let branch = Branch {
+        inner: Arc::new(Inner {
+            id: config.id,
+            raft,
+            state,
+            peers,
+            request_timeout: config.request_timeout,
+            queries: Default::default(),
+        }),
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // The reporter starts with "" SERVING; a branch is not ready before it can answer.
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_not_serving::<BankServer<BankService>>().await;
+
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let task = tokio::spawn(serve(
+        config,
+        branch.clone(),
+        customer,
+        peer,
+        health,
+        health_service,
+        ready_tx,
+        shutdown,
+    ));
+    Ok(RunningBranch {
+        branch,
+        customer_addr,
+        peer_addr,
+        ready: ready_rx,
+        task,
+    })
+}
+
+/// Starts a branch and runs it until `shutdown` is cancelled (the library entry point for one
+/// branch process).
+pub async fn run(
+    config: BranchConfig,
+    customer: TcpListener,
+    peer: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), BranchError> {
+    start(config, customer, peer, shutdown).await?.join().await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    config: BranchConfig,
+    branch: Branch,
+    customer: TcpListener,
+    peer: TcpListener,
+    health: tonic_health::server::HealthReporter,
+    health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    ready: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) -> Result<(), BranchError> {
+    // Accepted sockets need nodelay explicitly: serve_with_incoming ignores the builder's
+    // setting, and Nagle's algorithm adds ~40 ms to small replies.
+    let customer_incoming = TcpIncoming::from(customer).with_nodelay(Some(true));
+    let peer_incoming = TcpIncoming::from(peer).with_nodelay(Some(true));
+
+    let customer_stop = CancellationToken::new();
+    let peer_stop = CancellationToken::new();
+    let customer_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(BankServer::new(BankService::new(branch.clone())))
+            .serve_with_incoming_shutdown(customer_incoming, customer_stop.clone().cancelled_owned()),
+    );
+    let peer_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                PeerServer::new(PeerService::new(branch.clone()))
+                    .max_decoding_message_size(MAX_PEER_MESSAGE)
+                    .max_encoding_message_size(MAX_PEER_MESSAGE),
+            )
+            .serve_with_incoming_shutdown(peer_incoming, peer_stop.clone().cancelled_owned()),
+    );
+
+    let background = CancellationToken::new();
+    let membership_task = tokio::spawn(manage_membership(config.clone(), branch.clone(), background.clone()));
+    let readiness_task = tokio::spawn(await_readiness(
+        branch.clone(),
+        health.clone(),
+        ready,
+        background.clone(),
+    ));
+
+    shutdown.cancelled().await;
+    tracing::info!(
+        branch = config.id,
+        "shutting down: NOT_SERVING, draining customer requests"
+    );
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_not_serving::<BankServer<BankService>>().await;
+    background.cancel();
+    let _ = membership_task.await;
+    let _ = readiness_task.await;
+    // Drain customers first (their requests need consensus), then stop Raft, then peers.
+    customer_stop.cancel();
+    let customer_result = customer_server.await;
+    if let Err(e) = branch.raft().shutdown().await {
+        tracing::warn!(branch = config.id, error = %e, "Raft did not stop cleanly");
+    }
+    peer_stop.cancel();
+    let peer_result = peer_server.await;
+    for result in [customer_result, peer_result] {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(BranchError::Serve(e)),
+            Err(e) => return Err(BranchError::Start(format!("server task failed: {e}"))),
+        }
+    }
+    tracing::debug!(branch = config.id, "stopped");
+    Ok(())
+}
+
+/// Forms the cluster: the lowest-id voter initializes the voters; whichever voter leads adds
+/// every other configured branch as a non-voting replica (learner) once the voters' own
+/// membership entry has been applied (openraft refuses overlapping membership changes).
+async fn manage_membership(config: BranchConfig, branch: Branch, stop: CancellationToken) {
+    let raft = branch.raft().clone();
+    let voters = config.voter_ids();
+    let node = |id: &NodeId| BasicNode::new(config.members.get(id).cloned().unwrap_or_default());
+    if voters.first() == Some(&config.id) {
+        match raft.is_initialized().await {
+            Ok(false) => {
+                let members: BTreeMap<NodeId, BasicNode> = voters.iter().map(|id| (*id, node(id))).collect();
+                if let Err(e) = raft.initialize(members).await {
+                    tracing::warn!(branch = config.id, error = %e, "initialize");
+                }
+            }
+            Ok(true) => {}
+            Err(e) => tracing::warn!(branch = config.id, error = %e, "is_initialized"),
+        }
+    }
+    if !voters.contains(&config.id) {
+        return;
+    }
+    let mut metrics = raft.metrics();
+    loop {
+        let missing: BTreeMap<NodeId, BasicNode> = {
+            let m = metrics.borrow_and_update();
+            let settled = m.membership_config.log_id().map(|id| id.index) <= m.last_applied.map(|id| id.index);
+            if m.current_leader != Some(config.id) || !settled {
+                BTreeMap::new()
+            } else {
+                let present: BTreeSet<NodeId> = m.membership_config.nodes().map(|(id, _)| *id).collect();
+                config
+                    .members
+                    .keys()
+                    .filter(|id| !present.contains(id))
+                    .map(|id| (*id, node(id)))
+                    .collect()
+            }
+        };
+        if !missing.is_empty() {
+            let count = missing.len();
+            match raft.change_membership(ChangeMembers::AddNodes(missing), false).await {
+                Ok(_) => tracing::info!(branch = config.id, learners = count, "added non-voting replicas"),
+                Err(e) => tracing::debug!(branch = config.id, error = %e, "adding replicas; will retry"),
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = metrics.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// Reports SERVING once a linearizable read succeeds here: the branch knows the leader, is a
+/// member, and has caught up with everything committed before the check.
+async fn await_readiness(
+    branch: Branch,
+    health: tonic_health::server::HealthReporter,
+    ready: watch::Sender<bool>,
+    stop: CancellationToken,
+) {
+    loop {
+        let attempt = branch.linearizable_read(Instant::now() + Duration::from_secs(1));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            result = attempt => {
+                if result.is_ok() {
+                    health.set_service_status("", ServingStatus::Serving).await;
+                    health.set_serving::<BankServer<BankService>>().await;
+                    let _ = ready.send(true);
+                    tracing::debug!(branch = branch.id(), "SERVING");
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! distbank: a replicated bank. Every *branch* holds a replica of one account balance;
+//! customers send Deposit / Withdraw / Query to their own branch over the original
+//! `Bank/MsgDelivery` gRPC API, and branches agree on every change through Raft (openraft),
+//! so all replicas show the same balance and every operation is linearizable.
+//!
+//! # Layout
+//!
+//! The path of one deposit through `distbank run input.json`:
+//!
+//! - [`input`] loads and validates the course's input.json (errors name file, item, field).
+//! - [`cluster`] starts one branch per input branch on loopback listeners and waits until each
+//!   reports SERVING.
+//! - [`replay`] sends each customer's events, in event-id order, to the customer's branch,
+//!   with the event id as idempotency key, retrying transient failures.
+//! - [`service::bank`] is the customer API: validates the request, refuses `propagate_*`,
+//!   hands the operation to the branch.
+//! - [`branch`] turns it into a log entry ([`account::Command::PropagateDeposit`]), forwards it
+//!   to the leader if needed ([`service::peer`]'s `Submit`), waits for commit and for its own
+//!   replica to apply it; queries are linearizable reads (ReadIndex) or logged when they carry
+//!   an event id.
+//! - [`replication`] is the openraft glue: type config, in-memory log and state machine stores,
+//!   the peer network client.
+//! - [`account`] is the state machine itself, pure: balance, withdraw-fails-when-short, the
+//!   event-id → result table.
+//! - [`output`] writes the course-format output.json atomically.
+//!
+//! Around them: [`discovery`] (peer and branch addresses: lists, `{id}`/`{ordinal}` templates,
+//! StatefulSet ordinals), [`proto`] (generated code and every wire conversion), [`telemetry`]
+//! (logging setup).
+
+pub mod account;
+pub mod branch;
+pub mod cluster;
+pub mod discovery;
+pub mod input;
+pub mod output;
+pub mod proto;
+pub mod replay;
+pub mod replication;
+pub mod service;
+pub mod telemetry;
+
+/// The original implementation's port scheme: branch N listens on `BASE_PORT + N`.
+pub const BASE_PORT: u16 = 50050;

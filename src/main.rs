@@ -1,0 +1,475 @@
+//! The `distbank` command line. Thin: parse flags (every flag also reads an environment
+//! variable), set up logging, call the library. Exit codes: 0 ok, 1 runtime failure, 2 bad
+//! input or usage.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use distbank::branch::BranchConfig;
+use distbank::cluster::{ClusterOptions, LocalCluster};
+use distbank::discovery::{self, Addresses};
+use distbank::input::{Input, InputError};
+use distbank::replay::{self, BranchClients, ReplayOptions};
+use distbank::replication::RaftTiming;
+use distbank::telemetry::{self, LogFormat};
+use distbank::{BASE_PORT, output};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "distbank",
+    version,
+    about = "A replicated bank: branches hold Raft-replicated replicas of one account"
+)]
+struct Cli {
+    /// Log format (logs go to stderr).
+    #[arg(long, global = true, env = "DISTBANK_LOG_FORMAT", value_enum, default_value = "auto")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything on this machine: start every branch of INPUT in-process on loopback,
+    /// replay all customers, write output.json, stop.
+    Run {
+        /// The course-format input.json.
+        input: PathBuf,
+        /// Where to write the output.
+        #[arg(short, long, env = "DISTBANK_OUTPUT", default_value = "output.json")]
+        output: PathBuf,
+        #[command(flatten)]
+        consensus: ConsensusArgs,
+        #[command(flatten)]
+        replay: ReplayArgs,
+    },
+    /// Start every branch of INPUT on HOST:(BASE_PORT+N), like the original `server.py`;
+    /// runs until SIGINT/SIGTERM.
+    Server {
+        input: PathBuf,
+        #[arg(long, env = "DISTBANK_HOST", default_value = "127.0.0.1")]
+        host: IpAddr,
+        #[arg(long, env = "DISTBANK_BASE_PORT", default_value_t = BASE_PORT)]
+        base_port: u16,
+        #[command(flatten)]
+        consensus: ConsensusArgs,
+    },
+    /// Replay INPUT against branches at HOST:(BASE_PORT+N), like the original `client.py`;
+    /// writes output.json in the working directory.
+    Client {
+        input: PathBuf,
+        #[arg(long, env = "DISTBANK_HOST", default_value = "localhost")]
+        host: String,
+        #[arg(long, env = "DISTBANK_BASE_PORT", default_value_t = BASE_PORT)]
+        base_port: u16,
+        #[arg(short, long, env = "DISTBANK_OUTPUT", default_value = "output.json")]
+        output: PathBuf,
+        #[command(flatten)]
+        replay: ReplayArgs,
+    },
+    /// Run one branch (one Kubernetes pod).
+    Branch(BranchArgs),
+    /// Replay INPUT against running branches whose addresses come from a template or list.
+    Replay {
+        input: PathBuf,
+        /// Customer-API address of branch N: a template with {id} or {ordinal}
+        /// (e.g. http://distbank-{ordinal}.distbank-headless:50051) or a list 1=host:port,2=...
+        #[arg(long, env = "DISTBANK_BRANCH_ADDR")]
+        branch_addr: String,
+        /// {ordinal} = branch id - offset.
+        #[arg(long, env = "DISTBANK_ID_OFFSET", default_value_t = 1)]
+        id_offset: u64,
+        #[arg(short, long, env = "DISTBANK_OUTPUT", default_value = "output.json")]
+        output: PathBuf,
+        /// Seconds to wait for every branch to report SERVING before replaying.
+        #[arg(long, env = "DISTBANK_WAIT_TIMEOUT", default_value_t = 120)]
+        wait_timeout: u64,
+        #[command(flatten)]
+        replay: ReplayArgs,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ConsensusArgs {
+    /// How many branches vote in Raft (the lowest ids); the others are non-voting replicas.
+    #[arg(long, env = "DISTBANK_VOTERS", default_value_t = 3)]
+    voters: usize,
+    /// Seconds a customer request may wait for consensus before failing with UNAVAILABLE.
+    #[arg(long, env = "DISTBANK_REQUEST_TIMEOUT", default_value_t = 10)]
+    request_timeout: u64,
+}
+
+#[derive(Args, Clone)]
+struct ReplayArgs {
+    /// How many customer items run at once (1 = one after another, as the course specifies).
+    #[arg(long, env = "DISTBANK_CONCURRENCY", default_value_t = 1)]
+    concurrency: usize,
+    /// Seconds one event may keep being retried (same event id) before the replay fails.
+    #[arg(long, env = "DISTBANK_RETRY_BUDGET", default_value_t = 60)]
+    retry_budget: u64,
+}
+
+#[derive(Args)]
+struct BranchArgs {
+    /// The course-format input.json (branch ids and the initial balance).
+    #[arg(long, env = "DISTBANK_INPUT")]
+    input: PathBuf,
+    /// This branch's id. Default: the StatefulSet ordinal of POD_NAME (or the hostname) + offset.
+    #[arg(long, env = "DISTBANK_BRANCH_ID")]
+    id: Option<u64>,
+    /// Branch id of ordinal 0.
+    #[arg(long, env = "DISTBANK_ID_OFFSET", default_value_t = 1)]
+    id_offset: u64,
+    /// Customer API + health.
+    #[arg(long, env = "DISTBANK_LISTEN", default_value = "0.0.0.0:50051")]
+    listen: SocketAddr,
+    /// Peer API (Raft).
+    #[arg(long, env = "DISTBANK_PEER_LISTEN", default_value = "0.0.0.0:50052")]
+    peer_listen: SocketAddr,
+    /// Peer addresses as a list: 1=host:port,2=host:port,...
+    #[arg(long, env = "DISTBANK_PEERS", conflicts_with = "peer_template")]
+    peers: Option<String>,
+    /// Peer address template with {id} or {ordinal}, e.g.
+    /// distbank-{ordinal}.distbank-headless.default.svc.cluster.local:50052
+    #[arg(long, env = "DISTBANK_PEER_TEMPLATE")]
+    peer_template: Option<String>,
+    #[command(flatten)]
+    consensus: ConsensusArgs,
+}
+
+impl ConsensusArgs {
+    fn cluster_options(&self, host: IpAddr, base_port: Option<u16>) -> ClusterOptions {
+        ClusterOptions {
+            host,
+            base_port,
+            voters: self.voters,
+            timing: RaftTiming::default(),
+            request_timeout: Duration::from_secs(self.request_timeout),
+        }
+    }
+}
+
+impl ReplayArgs {
+    fn options(&self) -> ReplayOptions {
+        ReplayOptions {
+            concurrency: self.concurrency,
+            retry_budget: Duration::from_secs(self.retry_budget),
+            ..ReplayOptions::default()
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet = matches!(cli.command, Command::Run { .. } | Command::Client { .. });
+    if let Err(e) = telemetry::init(cli.log_format, if quiet { "warn" } else { "info" }) {
+        eprintln!("distbank: cannot set up logging: {e}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("distbank: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("distbank: error: {e:#}");
+            if e.downcast_ref::<InputError>().is_some() || e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// A configuration mistake the user must fix (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run {
+            input,
+            output,
+            consensus,
+            replay,
+        } => run(&input, &output, &consensus, &replay).await,
+        Command::Server {
+            input,
+            host,
+            base_port,
+            consensus,
+        } => server(&input, host, base_port, &consensus).await,
+        Command::Client {
+            input,
+            host,
+            base_port,
+            output,
+            replay,
+        } => {
+            let input_data = distbank::input::load(&input)?;
+            let list = input_data
+                .branch_ids()
+                .into_iter()
+                .map(|id| {
+                    let port = u16::try_from(u64::from(base_port) + id)
+                        .map_err(|_| UsageError(format!("branch {id}: port {base_port} + {id} is beyond 65535")))?;
+                    Ok((id, format!("http://{host}:{port}")))
+                })
+                .collect::<Result<_, UsageError>>()?;
+            replay_to_file(&input_data, &Addresses::Static(list), &output, &replay, None).await
+        }
+        Command::Branch(args) => branch(args).await,
+        Command::Replay {
+            input,
+            branch_addr,
+            id_offset,
+            output,
+            wait_timeout,
+            replay,
+        } => {
+            let addresses = if branch_addr.contains('{') {
+                Addresses::template(&branch_addr, id_offset)
+            } else {
+                Addresses::parse_list(&branch_addr)
+            }
+            .map_err(|e| UsageError(format!("--branch-addr: {e}")))?;
+            let input_data = distbank::input::load(&input)?;
+            replay_to_file(
+                &input_data,
+                &addresses,
+                &output,
+                &replay,
+                Some(Duration::from_secs(wait_timeout)),
+            )
+            .await
+        }
+    }
+}
+
+/// `distbank run`: the whole system in one process.
+async fn run(
+    input_path: &Path,
+    output_path: &Path,
+    consensus: &ConsensusArgs,
+    replay_args: &ReplayArgs,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let input = distbank::input::load(input_path)?;
+    let branch_ids = input.branch_ids();
+    let cluster = LocalCluster::start(
+        &branch_ids,
+        input.initial_balance(),
+        &consensus.cluster_options(IpAddr::from([127, 0, 0, 1]), None),
+    )
+    .await
+    .context("starting the branches")?;
+    let result = async {
+        cluster.wait_ready(Duration::from_secs(60)).await?;
+        let ready = started.elapsed();
+        let addresses = Addresses::Static(
+            cluster
+                .customer_addrs()
+                .into_iter()
+                .map(|(id, addr)| (id, format!("http://{addr}")))
+                .collect(),
+        );
+        let clients = BranchClients::new(&addresses, &branch_ids, Duration::from_secs(2))?;
+        // The same health check the probes use; it also opens every connection in parallel.
+        replay::wait_until_serving(&clients, Duration::from_secs(10)).await?;
+        let options = replay_args.options();
+        let outputs = tokio::select! {
+            outputs = replay::replay(&input, &clients, &options) => outputs?,
+            _ = shutdown_signal() => bail!("interrupted; no output written"),
+        };
+        let replayed = started.elapsed() - ready;
+        output::write_atomic(output_path, &output::render(&outputs))
+            .with_context(|| format!("writing {}", output_path.display()))?;
+        Ok::<_, anyhow::Error>((ready, replayed))
+    }
+    .await;
+    let stopping = Instant::now();
+    cluster.shutdown().await.context("stopping the branches")?;
+    let (ready, replayed) = result?;
+    println!(
+        "distbank run: {} branches, {} customer items, {} events; start {:.0} ms, replay {:.0} ms, stop {:.0} ms, total {:.0} ms; wrote {}",
+        branch_ids.len(),
+        input.customers.len(),
+        input.event_count(),
+        ready.as_secs_f64() * 1e3,
+        replayed.as_secs_f64() * 1e3,
+        stopping.elapsed().as_secs_f64() * 1e3,
+        started.elapsed().as_secs_f64() * 1e3,
+        output_path.display()
+    );
+    Ok(())
+}
+
+/// `distbank server`: every branch of INPUT on the original port scheme, until a signal.
+async fn server(input_path: &Path, host: IpAddr, base_port: u16, consensus: &ConsensusArgs) -> anyhow::Result<()> {
+    let input = distbank::input::load(input_path)?;
+    let cluster = LocalCluster::start(
+        &input.branch_ids(),
+        input.initial_balance(),
+        &consensus.cluster_options(host, Some(base_port)),
+    )
+    .await
+    .context("starting the branches")?;
+    let ready = tokio::select! {
+        ready = cluster.wait_ready(Duration::from_secs(60)) => ready,
+        _ = shutdown_signal() => Ok(()),
+    };
+    if ready.is_ok() {
+        for (id, addr) in cluster.customer_addrs() {
+            tracing::info!(branch = id, %addr, "branch serving");
+        }
+        println!(
+            "distbank server: {} branches serving on {host}:{}+N; Ctrl-C to stop",
+            input.branch_ids().len(),
+            base_port
+        );
+        shutdown_signal().await;
+    }
+    cluster.shutdown().await.context("stopping the branches")?;
+    ready?;
+    Ok(())
+}
+
+/// `distbank branch`: one member, until a signal.
+async fn branch(args: BranchArgs) -> anyhow::Result<()> {
+    let input = distbank::input::load(&args.input)?;
+    let id = match args.id {
+        Some(id) => id,
+        None => {
+            let name = pod_name()
+                .ok_or_else(|| UsageError("no --id, and neither POD_NAME nor the hostname is available".into()))?;
+            let ordinal = discovery::ordinal_from_pod_name(&name).map_err(|e| UsageError(e.to_string()))?;
+            ordinal
+                .checked_add(args.id_offset)
+                .ok_or_else(|| UsageError(format!("ordinal {ordinal} + offset {} overflows", args.id_offset)))?
+        }
+    };
+    let branch_ids = input.branch_ids();
+    if !branch_ids.contains(&id) {
+        bail!(UsageError(format!(
+            "branch id {id} is not in {} (branch ids {}..={}); check the StatefulSet's replicas and --id-offset",
+            args.input.display(),
+            branch_ids.first().copied().unwrap_or_default(),
+            branch_ids.last().copied().unwrap_or_default()
+        )));
+    }
+    let addresses = match (&args.peers, &args.peer_template) {
+        (Some(list), _) => Addresses::parse_list(list),
+        (None, Some(template)) => Addresses::template(template, args.id_offset),
+        (None, None) => bail!(UsageError("one of --peers or --peer-template is required".into())),
+    }
+    .map_err(|e| UsageError(e.to_string()))?;
+    let members = addresses
+        .resolve_all(&branch_ids)
+        .map_err(|e| UsageError(e.to_string()))?;
+    let customer = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let peer = TcpListener::bind(args.peer_listen)
+        .await
+        .with_context(|| format!("listening on {}", args.peer_listen))?;
+    let config = BranchConfig {
+        id,
+        initial_balance: input.initial_balance(),
+        members,
+        voters: args.consensus.voters,
+        timing: RaftTiming::default(),
+        request_timeout: Duration::from_secs(args.consensus.request_timeout),
+    };
+    tracing::info!(branch = id, listen = %args.listen, peer_listen = %args.peer_listen, "starting branch");
+    let shutdown = CancellationToken::new();
+    let running = distbank::branch::start(config, customer, peer, shutdown.clone()).await?;
+    shutdown_signal().await;
+    shutdown.cancel();
+    running.join().await?;
+    tracing::info!(branch = id, "stopped");
+    Ok(())
+}
+
+/// Replays against running branches and writes the output (nothing is written on failure).
+async fn replay_to_file(
+    input: &Input,
+    addresses: &Addresses,
+    output_path: &Path,
+    replay_args: &ReplayArgs,
+    wait: Option<Duration>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let customer_branches: Vec<u64> = {
+        let mut ids: Vec<u64> = input.customers.iter().map(|c| c.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    };
+    let clients = BranchClients::new(addresses, &customer_branches, Duration::from_secs(2))
+        .map_err(|e| UsageError(e.to_string()))?;
+    if let Some(timeout) = wait {
+        replay::wait_until_serving(&clients, timeout).await?;
+    }
+    let options = replay_args.options();
+    let outputs = tokio::select! {
+        outputs = replay::replay(input, &clients, &options) => outputs?,
+        _ = shutdown_signal() => bail!("interrupted; no output written"),
+    };
+    output::write_atomic(output_path, &output::render(&outputs))
+        .with_context(|| format!("writing {}", output_path.display()))?;
+    println!(
+        "distbank: replayed {} customer items ({} events) in {:.0} ms; wrote {}",
+        input.customers.len(),
+        input.event_count(),
+        started.elapsed().as_secs_f64() * 1e3,
+        output_path.display()
+    );
+    Ok(())
+}
+
+/// POD_NAME (Kubernetes downward API), else the hostname.
+fn pod_name() -> Option<String> {
+    std::env::var("POD_NAME")
+        .ok()
+        .filter(|name| !name.trim().is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|name| !name.is_empty())
+}
+
+/// Resolves on SIGINT or SIGTERM (Kubernetes stops pods with SIGTERM).
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops this process");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,63 @@
+//! Generated gRPC code and every conversion between wire types and domain types: nothing
+//! outside this module and the service edges touches a prost type.
+
+use crate::account::{Operation, Outcome};
+
+/// The original wire API (`proto/banks.proto`, package-less: `/Bank/MsgDelivery`).
+pub mod bank {
+    tonic::include_proto!("_");
+}
+
+/// The peer-only API branches use among themselves (`proto/peer.proto`).
+pub mod peer {
+    tonic::include_proto!("distbank.peer.v1");
+}
+
+/// gRPC metadata key carrying the customer's event id (the idempotency key) on the original
+/// API, whose messages have no field for it.
+pub const EVENT_ID_METADATA: &str = "x-distbank-event-id";
+
+/// The original API's `status` strings.
+pub const STATUS_SUCCESS: &str = "success";
+pub const STATUS_FAIL: &str = "fail";
+
+pub fn operation_to_peer(operation: Operation) -> (peer::Operation, u64) {
+    match operation {
+        Operation::Deposit(amount) => (peer::Operation::Deposit, amount),
+        Operation::Withdraw(amount) => (peer::Operation::Withdraw, amount),
+        Operation::Query => (peer::Operation::Query, 0),
+    }
+}
+
+pub fn operation_from_peer(operation: i32, amount: u64) -> Option<Operation> {
+    match peer::Operation::try_from(operation).ok()? {
+        peer::Operation::Deposit => Some(Operation::Deposit(amount)),
+        peer::Operation::Withdraw => Some(Operation::Withdraw(amount)),
+        peer::Operation::Query => Some(Operation::Query),
+        peer::Operation::Unspecified => None,
+    }
+}
+
+/// Encodes an outcome as (outcome, balance) for [`peer::SubmitReply`].
+pub fn outcome_to_peer(outcome: Outcome, balance_after: u64) -> (peer::Outcome, u64) {
+    match outcome {
+        Outcome::Success => (peer::Outcome::Success, balance_after),
+        Outcome::Fail => (peer::Outcome::Fail, balance_after),
+        Outcome::Balance(balance) => (peer::Outcome::Balance, balance),
+        Outcome::EventIdReused { .. } => (peer::Outcome::EventIdReused, balance_after),
+    }
+}
+
+/// Decodes a [`peer::SubmitReply`]'s outcome. `EventIdReused` loses the recorded operation on
+/// the way (the customer's branch re-reads it from its own replica after applying).
+pub fn outcome_from_peer(outcome: i32, balance: u64) -> Option<Outcome> {
+    match peer::Outcome::try_from(outcome).ok()? {
+        peer::Outcome::Success => Some(Outcome::Success),
+        peer::Outcome::Fail => Some(Outcome::Fail),
+        peer::Outcome::Balance => Some(Outcome::Balance(balance)),
+        peer::Outcome::EventIdReused => Some(Outcome::EventIdReused {
+            recorded: Operation::Query,
+        }),
+        peer::Outcome::Unspecified => None,
+    }
+}

@@ -1,0 +1,297 @@
+//! The customers' side: replays every customer item of an input against running branches
+//! (customer N talks to branch N over the original `Bank/MsgDelivery` API) and collects the
+//! answers into the course's output.
+//!
+//! Each event carries its id as the idempotency key, so a timed-out or failed call is simply
+//! sent again with the same id, and a re-run of the whole replay gives the same answers.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use tokio::time::Instant;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::account::Operation;
+use crate::discovery::{Addresses, DiscoveryError};
+use crate::input::{CustomerSpec, Event, Input};
+use crate::output::{CustomerOutput, Recv};
+use crate::proto::bank::bank_client::BankClient;
+use crate::proto::bank::{TransactionRequest, TransactionResponse};
+use crate::proto::{EVENT_ID_METADATA, STATUS_FAIL, STATUS_SUCCESS};
+
+/// How a replay runs.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// How many customer items run at once (1 = one after another, the course's semantics).
+    pub concurrency: usize,
+    /// Deadline of one call; a call that misses it is retried with the same event id.
+    pub call_timeout: Duration,
+    /// How long one event may keep being retried before the replay gives up.
+    pub retry_budget: Duration,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        ReplayOptions {
+            concurrency: 1,
+            call_timeout: Duration::from_secs(10),
+            retry_budget: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Address(#[from] DiscoveryError),
+    #[error("branch {branch}: invalid address {address:?}: {reason}")]
+    BadAddress {
+        branch: u64,
+        address: String,
+        reason: String,
+    },
+    #[error("customer {customer}, event {event}: branch {branch} refused the request: {code}: {message}")]
+    Refused {
+        customer: u64,
+        event: u64,
+        branch: u64,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("customer {customer}, event {event}: branch {branch} unreachable for {seconds:.0} s: {last_error}")]
+    GaveUp {
+        customer: u64,
+        event: u64,
+        branch: u64,
+        seconds: f64,
+        last_error: String,
+    },
+    #[error("customer {customer}, event {event}: unexpected reply from branch {branch}: status {status:?}")]
+    BadReply {
+        customer: u64,
+        event: u64,
+        branch: u64,
+        status: String,
+    },
+}
+
+/// Connections to the branches customers talk to: one lazily connected channel per branch.
+#[derive(Debug, Clone)]
+pub struct BranchClients {
+    channels: BTreeMap<u64, Channel>,
+}
+
+impl BranchClients {
+    /// `addresses` yields URLs (`http://host:port`); a bare `host:port` gets `http://`.
+    pub fn new(
+        addresses: &Addresses,
+        branch_ids: &[u64],
+        connect_timeout: Duration,
+    ) -> Result<BranchClients, ReplayError> {
+        let mut channels = BTreeMap::new();
+        for &branch in branch_ids {
+            let address = addresses.address(branch)?;
+            let url = if address.contains("://") {
+                address.clone()
+            } else {
+                format!("http://{address}")
+            };
+            let endpoint = Endpoint::from_shared(url).map_err(|e| ReplayError::BadAddress {
+                branch,
+                address: address.clone(),
+                reason: e.to_string(),
+            })?;
+            let channel = endpoint
+                .tcp_nodelay(true)
+                .connect_timeout(connect_timeout)
+                .connect_lazy();
+            channels.insert(branch, channel);
+        }
+        Ok(BranchClients { channels })
+    }
+
+    fn client(&self, branch: u64) -> Result<BankClient<Channel>, ReplayError> {
+        self.channels
+            .get(&branch)
+            .cloned()
+            .map(BankClient::new)
+            .ok_or(ReplayError::Address(DiscoveryError::Unknown(branch)))
+    }
+
+    pub fn channel(&self, branch: u64) -> Option<Channel> {
+        self.channels.get(&branch).cloned()
+    }
+}
+
+/// Replays every customer item of `input`; answers come back in input order.
+pub async fn replay(
+    input: &Input,
+    clients: &BranchClients,
+    options: &ReplayOptions,
+) -> Result<Vec<CustomerOutput>, ReplayError> {
+    futures::stream::iter(input.customers.iter())
+        .map(|customer| run_customer(customer, clients, options))
+        .buffered(options.concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// One customer item: its events in event-id order, each waiting for the previous answer.
+async fn run_customer(
+    customer: &CustomerSpec,
+    clients: &BranchClients,
+    options: &ReplayOptions,
+) -> Result<CustomerOutput, ReplayError> {
+    let mut events: Vec<&Event> = customer.events.iter().collect();
+    events.sort_by_key(|event| event.id);
+    let mut client = clients.client(customer.id)?;
+    let mut recv = Vec::with_capacity(events.len());
+    for event in events {
+        recv.push(send_event(&mut client, customer.id, event, options).await?);
+    }
+    Ok(CustomerOutput { id: customer.id, recv })
+}
+
+/// Sends one event, retrying transient failures with the same event id.
+pub async fn send_event(
+    client: &mut BankClient<Channel>,
+    customer: u64,
+    event: &Event,
+    options: &ReplayOptions,
+) -> Result<Recv, ReplayError> {
+    let (operation, amount) = match event.operation {
+        Operation::Deposit(amount) => ("deposit", amount),
+        Operation::Withdraw(amount) => ("withdraw", amount),
+        Operation::Query => ("query", 0),
+    };
+    // Input validation caps amounts at the wire's int32 range.
+    let amount = i32::try_from(amount).unwrap_or(i32::MAX);
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let mut request = tonic::Request::new(TransactionRequest {
+            customer_id: i32::try_from(customer).unwrap_or(i32::MAX),
+            operation: operation.to_string(),
+            amount,
+        });
+        request.set_timeout(options.call_timeout);
+        request
+            .metadata_mut()
+            .insert(EVENT_ID_METADATA, MetadataValue::from(event.id));
+        let last_error = match client.msg_delivery(request).await {
+            Ok(reply) => return recv_from_reply(customer, event, reply.into_inner()),
+            Err(status) if retryable(status.code()) => format!("{}: {}", status.code(), status.message()),
+            Err(status) => {
+                return Err(ReplayError::Refused {
+                    customer,
+                    event: event.id,
+                    branch: customer,
+                    code: status.code(),
+                    message: status.message().to_string(),
+                });
+            }
+        };
+        if started.elapsed() + backoff > options.retry_budget {
+            return Err(ReplayError::GaveUp {
+                customer,
+                event: event.id,
+                branch: customer,
+                seconds: started.elapsed().as_secs_f64(),
+                last_error,
+            });
+        }
+        tracing::debug!(customer, event = event.id, error = %last_error, "retrying with the same event id");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Transient failures: the branch is down, restarting, electing, or the call timed out.
+fn retryable(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown
+    )
+}
+
+fn recv_from_reply(customer: u64, event: &Event, reply: TransactionResponse) -> Result<Recv, ReplayError> {
+    let bad = || ReplayError::BadReply {
+        customer,
+        event: event.id,
+        branch: customer,
+        status: reply.status.clone(),
+    };
+    let success = match reply.status.to_ascii_lowercase().as_str() {
+        STATUS_SUCCESS => true,
+        // Other implementations answer "failure"/"FAILURE"; accept them.
+        STATUS_FAIL | "failure" => false,
+        _ => return Err(bad()),
+    };
+    Ok(match event.operation {
+        Operation::Deposit(_) => Recv::Deposit { success },
+        Operation::Withdraw(_) => Recv::Withdraw { success },
+        Operation::Query => Recv::Query {
+            balance: u64::try_from(reply.balance).map_err(|_| bad())?,
+        },
+    })
+}
+
+/// Waits until every branch answers `grpc.health.v1` with SERVING (the same check the
+/// Kubernetes probes make), logging progress; fails after `timeout` naming who is not ready.
+pub async fn wait_until_serving(clients: &BranchClients, timeout: Duration) -> Result<(), WaitError> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let deadline = Instant::now() + timeout;
+    let mut waiting: Vec<u64> = clients.channels.keys().copied().collect();
+    let mut last_report = Instant::now();
+    loop {
+        let checks = waiting.iter().map(|&branch| {
+            let channel = clients.channels.get(&branch).cloned();
+            async move {
+                let Some(channel) = channel else { return (branch, false) };
+                let mut request = tonic::Request::new(HealthCheckRequest { service: String::new() });
+                request.set_timeout(Duration::from_secs(2));
+                let serving = HealthClient::new(channel)
+                    .check(request)
+                    .await
+                    .map(|reply| reply.into_inner().status == ServingStatus::Serving as i32)
+                    .unwrap_or(false);
+                (branch, serving)
+            }
+        });
+        waiting = futures::future::join_all(checks)
+            .await
+            .into_iter()
+            .filter(|(_, serving)| !serving)
+            .map(|(branch, _)| branch)
+            .collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(WaitError {
+                seconds: timeout.as_secs_f64(),
+                waiting,
+            });
+        }
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            tracing::info!(waiting = waiting.len(), first = ?waiting.first(), "waiting for branches to report SERVING");
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now()))).await;
+    }
+}
+
+/// Branches that did not report SERVING in time.
+#[derive(Debug, thiserror::Error)]
+#[error("{} branch(es) not SERVING after {seconds:.0} s: {}", waiting.len(), waiting.iter().map(|id| id.to_string()).collect::<Vec<_>>().join(","))]
+pub struct WaitError {
+    pub seconds: f64,
+    pub waiting: Vec<u64>,
+}

@@ -1,0 +1,77 @@
+//! Consensus glue: openraft's type configuration, the in-memory log and state-machine stores,
+//! and the network client that carries Raft messages over the peer gRPC service.
+//!
+//! The branch-level operations built on top (forwarding writes to the leader, linearizable
+//! reads on any member) live in [`crate::branch`]; this module knows nothing about customers.
+
+pub mod network;
+pub mod store;
+
+use std::io::Cursor;
+
+use crate::account::{Applied, Command};
+
+openraft::declare_raft_types!(
+    /// openraft's type configuration for one replicated bank account.
+    pub TypeConfig:
+        D = Command,
+        R = Applied,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A member's id: the branch id.
+pub type NodeId = u64;
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Timing of the consensus protocol. Tuned for loopback and in-cluster networks, where a round
+/// trip is well under a millisecond: a dead leader is replaced in roughly half a second.
+#[derive(Debug, Clone, Copy)]
+pub struct RaftTiming {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+        }
+    }
+}
+
+/// Builds and validates openraft's configuration.
+#[allow(clippy::result_large_err)] // openraft's error type, returned once at start-up
+pub fn raft_config(timing: RaftTiming) -> Result<openraft::Config, openraft::ConfigError> {
+    openraft::Config {
+        cluster_name: "distbank".to_string(),
+        heartbeat_interval: timing.heartbeat_ms,
+        election_timeout_min: timing.election_timeout_min_ms,
+        election_timeout_max: timing.election_timeout_max_ms,
+        // Snapshot and purge so the log does not grow without bound on long runs.
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        ..Default::default()
+    }
+    .validate()
+}
+
+/// Serialization of Raft messages for the peer service (bincode: compact and fast).
+pub(crate) mod codec {
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+
+    pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, bincode::error::EncodeError> {
+        bincode::serde::encode_to_vec(value, bincode::config::standard())
+    }
+
+    pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map(|(value, _)| value)
+    }
+}

@@ -1,0 +1,159 @@
+//! Raft's network: one lazily connected tonic channel per peer, re-used by every RPC.
+//!
+//! Channels resolve the peer's address again on every reconnect, so a restarted peer with a
+//! new IP behind the same DNS name is found without help.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{NodeId, TypeConfig, codec};
+use crate::proto::peer::RaftPayload;
+use crate::proto::peer::peer_client::PeerClient;
+
+/// Largest message accepted from a peer (snapshots are sent in chunks well below this).
+pub const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// Cached channels to peers, keyed by node id and address. Shared by Raft's network and by
+/// the branch (forwarding writes, read-index requests).
+#[derive(Debug, Clone, Default)]
+pub struct PeerChannels {
+    channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
+    connect_timeout: Duration,
+}
+
+impl PeerChannels {
+    pub fn new(connect_timeout: Duration) -> PeerChannels {
+        PeerChannels {
+            channels: Arc::default(),
+            connect_timeout,
+        }
+    }
+
+    /// The peer client for `target` at `addr` (host:port), creating the channel on first use.
+    pub fn client(&self, target: NodeId, addr: &str) -> Result<PeerClient<Channel>, tonic::transport::Error> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let channel = match channels.get(&target) {
+            Some((known, channel)) if known == addr => channel.clone(),
+            _ => {
+                let channel = Endpoint::from_shared(format!("http://{addr}"))?
+                    .tcp_nodelay(true)
+                    .connect_timeout(self.connect_timeout)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_while_idle(true)
+                    .connect_lazy();
+                channels.insert(target, (addr.to_string(), channel.clone()));
+                channel
+            }
+        };
+        Ok(PeerClient::new(channel)
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE))
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerChannels {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
+        PeerConnection {
+            target,
+            client: self.client(target, &node.addr).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Raft's view of one peer.
+pub struct PeerConnection {
+    target: NodeId,
+    client: Result<PeerClient<Channel>, String>,
+}
+
+#[derive(Clone, Copy)]
+enum Rpc {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+/// The error for a call that failed before a Raft answer came back.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TransportError(String);
+
+impl PeerConnection {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        rpc: Rpc,
+        request: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let client = match &self.client {
+            Ok(client) => client.clone(),
+            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&TransportError(e.clone())))),
+        };
+        let mut client = client;
+        let data = codec::encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = tonic::Request::new(RaftPayload { data });
+        request.set_timeout(option.hard_ttl());
+        let reply = match rpc {
+            Rpc::AppendEntries => client.append_entries(request).await,
+            Rpc::Vote => client.vote(request).await,
+            Rpc::InstallSnapshot => client.install_snapshot(request).await,
+        };
+        let reply = reply.map_err(|status| {
+            let error = TransportError(format!("{}: {}", status.code(), status.message()));
+            match status.code() {
+                // Openraft backs off from unreachable peers instead of retrying hot.
+                tonic::Code::Unavailable | tonic::Code::Cancelled => RPCError::Unreachable(Unreachable::new(&error)),
+                _ => RPCError::Network(NetworkError::new(&error)),
+            }
+        })?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            codec::decode(&reply.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(Rpc::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        self.call(Rpc::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(Rpc::Vote, &rpc, &option).await
+    }
+}

@@ -1,0 +1,281 @@
+//! In-memory Raft log and state machine (openraft storage v2).
+//!
+//! Durability across process restarts is not provided here: a restarted branch rejoins empty
+//! and is brought up to date by the leader (log or snapshot). See `docs/design.md`.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership, Vote,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{NodeId, TypeConfig, codec};
+use crate::account::{Account, Applied, Outcome};
+
+type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it: every critical
+/// section here leaves the data consistent, so the value is still valid.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[derive(Debug, Default)]
+struct LogData {
+    vote: Option<Vote<NodeId>>,
+    committed: Option<LogId<NodeId>>,
+    last_purged: Option<LogId<NodeId>>,
+    entries: BTreeMap<u64, Entry<TypeConfig>>,
+}
+
+/// The Raft log. Cheap to clone: clones share the same log (openraft reads through a clone).
+#[derive(Debug, Clone, Default)]
+pub struct LogStore {
+    inner: Arc<Mutex<LogData>>,
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        let log = lock(&self.inner);
+        Ok(log.entries.range(range).map(|(_, entry)| entry.clone()).collect())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        let log = lock(&self.inner);
+        let last = log.entries.values().next_back().map(|entry| entry.log_id);
+        Ok(LogState {
+            last_purged_log_id: log.last_purged,
+            last_log_id: last.or(log.last_purged),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        lock(&self.inner).vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        Ok(lock(&self.inner).vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
+        lock(&self.inner).committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        Ok(lock(&self.inner).committed)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        {
+            let mut log = lock(&self.inner);
+            for entry in entries {
+                log.entries.insert(entry.log_id.index, entry);
+            }
+        }
+        // In memory, "durable" means stored: report completion right away.
+        callback.log_io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        lock(&self.inner).entries.split_off(&log_id.index);
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let mut log = lock(&self.inner);
+        log.last_purged = Some(log_id);
+        let keep = log.entries.split_off(&(log_id.index + 1));
+        log.entries = keep;
+        Ok(())
+    }
+}
+
+/// What the state machine holds: the account and Raft's bookkeeping of what it has applied.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct MachineState {
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+    account: Account,
+}
+
+#[derive(Debug)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    data: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct MachineData {
+    state: MachineState,
+    snapshot: Option<StoredSnapshot>,
+    snapshot_seq: u64,
+}
+
+/// The replicated account as a Raft state machine. Cheap to clone; clones share state, so the
+/// branch keeps one to answer reads from the local replica.
+#[derive(Debug, Clone)]
+pub struct StateMachine {
+    inner: Arc<Mutex<MachineData>>,
+}
+
+impl StateMachine {
+    pub fn new(initial_balance: u64) -> StateMachine {
+        StateMachine {
+            inner: Arc::new(Mutex::new(MachineData {
+                state: MachineState {
+                    account: Account::new(initial_balance),
+                    ..Default::default()
+                },
+                snapshot: None,
+                snapshot_seq: 0,
+            })),
+        }
+    }
+
+    /// The local replica's balance right now (not by itself linearizable: see `branch`).
+    pub fn balance(&self) -> u64 {
+        lock(&self.inner).state.account.balance()
+    }
+
+    /// The local replica's answer to a read.
+    pub fn query(&self) -> Outcome {
+        lock(&self.inner).state.account.query()
+    }
+
+    /// The operation recorded under `event_id` on this replica.
+    pub fn recorded_operation(&self, event_id: u64) -> Option<crate::account::Operation> {
+        lock(&self.inner).state.account.recorded_operation(event_id)
+    }
+
+    /// Index of the last entry this replica has applied.
+    pub fn last_applied_index(&self) -> Option<u64> {
+        lock(&self.inner).state.last_applied.map(|id| id.index)
+    }
+}
+
+#[allow(clippy::result_large_err)] // openraft's StorageError is what the storage traits return
+fn snapshot_of(data: &mut MachineData) -> Result<StoredSnapshot, StorageError<NodeId>> {
+    let bytes = codec::encode(&data.state).map_err(|e| StorageIOError::read_state_machine(&e))?;
+    data.snapshot_seq += 1;
+    let snapshot_id = match data.state.last_applied {
+        Some(last) => format!("{}-{}-{}", last.leader_id, last.index, data.snapshot_seq),
+        None => format!("--{}", data.snapshot_seq),
+    };
+    Ok(StoredSnapshot {
+        meta: SnapshotMeta {
+            last_log_id: data.state.last_applied,
+            last_membership: data.state.membership.clone(),
+            snapshot_id,
+        },
+        data: bytes,
+    })
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let mut data = lock(&self.inner);
+        let snapshot = snapshot_of(&mut data)?;
+        let result = Snapshot {
+            meta: snapshot.meta.clone(),
+            snapshot: Box::new(Cursor::new(snapshot.data.clone())),
+        };
+        data.snapshot = Some(snapshot);
+        Ok(result)
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
+        let data = lock(&self.inner);
+        Ok((data.state.last_applied, data.state.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut data = lock(&self.inner);
+        let mut results = Vec::new();
+        for entry in entries {
+            data.state.last_applied = Some(entry.log_id);
+            let applied = match entry.payload {
+                EntryPayload::Normal(command) => data.state.account.apply(&command),
+                EntryPayload::Membership(membership) => {
+                    data.state.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    Applied {
+                        outcome: data.state.account.query(),
+                        balance: data.state.account.balance(),
+                    }
+                }
+                // openraft wants exactly one response per entry, blank ones included.
+                EntryPayload::Blank => Applied {
+                    outcome: data.state.account.query(),
+                    balance: data.state.account.balance(),
+                },
+            };
+            results.push(applied);
+        }
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let bytes = snapshot.into_inner();
+        let state: MachineState =
+            codec::decode(&bytes).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let mut data = lock(&self.inner);
+        data.state = state;
+        data.snapshot = Some(StoredSnapshot {
+            meta: meta.clone(),
+            data: bytes,
+        });
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let data = lock(&self.inner);
+        Ok(data.snapshot.as_ref().map(|snapshot| Snapshot {
+            meta: snapshot.meta.clone(),
+            snapshot: Box::new(Cursor::new(snapshot.data.clone())),
+        }))
+    }
+}
