@@ -1,0 +1,139 @@
+//! The customer-facing API (the original `Bank/MsgDelivery`): what customers may do, what
+//! they may not, and the right gRPC status codes; refused requests change nothing anywhere.
+
+mod support;
+
+use std::time::Duration;
+
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn propagate_operations_from_customers_are_refused_and_change_nothing() {
+    let cluster = support::start_cluster(3, 100, 3).await;
+    let clients = support::clients(&cluster);
+    for branch in 1..=3 {
+        let mut bank = support::bank_client(&clients, branch);
+        for op in ["propagate_deposit", "propagate_withdraw"] {
+            let status = support::call(&mut bank, Some(branch * 10), op, 50).await.expect_err("refused");
+            assert_eq!(status.code(), Code::PermissionDenied, "{op}: {status}");
+            assert!(status.message().contains(op), "{status}");
+        }
+    }
+    // A write after the refused ones commits; had any refused request changed a replica, the
+    // replicas would now disagree.
+    let mut bank = support::bank_client(&clients, 2);
+    let reply = support::call(&mut bank, Some(1), "deposit", 1).await.expect("deposit");
+    assert_eq!(reply.status, "success");
+    support::replicas_converge(&cluster, 101).await;
+    cluster.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_invalid_argument() {
+    let cluster = support::start_cluster(2, 100, 3).await;
+    let clients = support::clients(&cluster);
+    let mut bank = support::bank_client(&clients, 1);
+    for (op, amount, needle) in [
+        ("transfer", 5, "transfer"),
+        ("", 5, "expected"),
+        ("DEPOSIT", 5, "DEPOSIT"),
+        ("deposit", 0, "positive"),
+        ("deposit", -5, "positive"),
+        ("withdraw", -1, "positive"),
+    ] {
+        let status = support::call(&mut bank, None, op, amount).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{op} {amount}: {status}");
+        assert!(status.message().contains(needle), "{op} {amount}: {status}");
+    }
+    let mut request = tonic::Request::new(distbank::proto::bank::TransactionRequest {
+        customer_id: 1,
+        operation: "query".into(),
+        amount: 0,
+    });
+    request.metadata_mut().insert(distbank::proto::EVENT_ID_METADATA, "seven".parse().expect("ascii"));
+    let status = bank.msg_delivery(request).await.expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains(distbank::proto::EVENT_ID_METADATA), "{status}");
+    support::replicas_converge(&cluster, 100).await;
+    cluster.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overdrawing_withdrawal_fails_everywhere_and_exact_balance_succeeds() {
+    let cluster = support::start_cluster(4, 100, 3).await;
+    let clients = support::clients(&cluster);
+    let mut b4 = support::bank_client(&clients, 4);
+    assert_eq!(support::call(&mut b4, Some(1), "withdraw", 101).await.expect("answer").status, "fail");
+    support::replicas_converge(&cluster, 100).await;
+    assert_eq!(support::call(&mut b4, Some(2), "withdraw", 100).await.expect("answer").status, "success");
+    support::replicas_converge(&cluster, 0).await;
+    let mut b1 = support::bank_client(&clients, 1);
+    let reply = support::call(&mut b1, None, "query", 0).await.expect("query");
+    assert_eq!((reply.status.as_str(), reply.balance), ("success", 0));
+    cluster.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deposits_beyond_the_int32_wire_limit_fail() {
+    let cluster = support::start_cluster(2, i32::MAX as u64 - 10, 3).await;
+    let clients = support::clients(&cluster);
+    let mut bank = support::bank_client(&clients, 2);
+    assert_eq!(support::call(&mut bank, Some(1), "deposit", 11).await.expect("answer").status, "fail");
+    assert_eq!(support::call(&mut bank, Some(2), "deposit", 10).await.expect("answer").status, "success");
+    let reply = support::call(&mut bank, Some(3), "query", 0).await.expect("query");
+    assert_eq!(reply.balance, i32::MAX);
+    cluster.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_branch_reports_serving_over_grpc_health() {
+    let cluster = support::start_cluster(5, 0, 3).await;
+    let clients = support::clients(&cluster);
+    for branch in 1..=5 {
+        let mut health = HealthClient::new(clients.channel(branch).expect("channel"));
+        for service in ["", "Bank"] {
+            let reply = health
+                .check(HealthCheckRequest { service: service.into() })
+                .await
+                .unwrap_or_else(|e| panic!("branch {branch} health {service:?}: {e}"));
+            assert_eq!(reply.into_inner().status, ServingStatus::Serving as i32, "branch {branch} {service:?}");
+        }
+    }
+    cluster.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_serving_before_the_cluster_has_formed() {
+    // Start one branch of a three-branch membership whose peers never come up: it can never
+    // answer linearizably, so it must not claim to be ready.
+    use distbank::branch::{self, BranchConfig};
+    let customer = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = customer.local_addr().expect("addr");
+    let config = BranchConfig {
+        id: 1,
+        initial_balance: 0,
+        members: [(1, peer.local_addr().expect("addr").to_string()), (2, "127.0.0.1:1".into()), (3, "127.0.0.1:1".into())]
+            .into_iter()
+            .collect(),
+        voters: 3,
+        timing: Default::default(),
+        request_timeout: Duration::from_millis(300),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = branch::start(config, customer, peer, shutdown.clone()).await.expect("starts");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("url").connect_lazy();
+    let mut health = HealthClient::new(channel.clone());
+    let reply = health.check(HealthCheckRequest { service: String::new() }).await.expect("health answers");
+    assert_eq!(reply.into_inner().status, ServingStatus::NotServing as i32);
+    // A customer request fails with UNAVAILABLE (retryable), not a wrong answer.
+    let mut bank = distbank::proto::bank::bank_client::BankClient::new(channel);
+    let status = support::call(&mut bank, Some(1), "deposit", 5).await.expect_err("no quorum");
+    assert_eq!(status.code(), Code::Unavailable, "{status}");
+    assert!(!running.is_ready());
+    shutdown.cancel();
+    running.join().await.expect("clean shutdown");
+}

@@ -1,0 +1,136 @@
+//! Many concurrent customers on different branches: the recorded history of every call
+//! (invocation and completion times, operation, answer) must be linearizable against the
+//! sequential specification of one account, checked by a Wing-Gong/Lowe search
+//! (`support/linearizability.rs`, with its own negative tests). Afterwards every replica
+//! holds the same balance, equal to initial + successful deposits - successful withdrawals.
+
+mod support;
+
+#[path = "support/linearizability.rs"]
+mod linearizability;
+
+use std::time::Instant;
+
+use linearizability::{Call, Op, Ret, Verdict};
+use rand::Rng as _;
+use rand::SeedableRng as _;
+
+const CLIENTS: usize = 16;
+const OPS_PER_CLIENT: usize = 40;
+const INITIAL: u64 = 100;
+
+/// One client: random operations on random branches; every write carries a unique event id
+/// and is retried with it on UNAVAILABLE; a fifth of the queries are anonymous.
+async fn client(index: usize, branches: u64, clients: distbank::replay::BranchClients, start: Instant, seed: u64) -> Vec<Call> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed + index as u64);
+    let mut history = Vec::with_capacity(OPS_PER_CLIENT);
+    for n in 0..OPS_PER_CLIENT {
+        let branch = rng.random_range(1..=branches);
+        let mut bank = support::bank_client(&clients, branch);
+        let event_id = (index * 1_000_000 + n) as u64;
+        let (op, name, amount) = match rng.random_range(0..10) {
+            0..=2 => {
+                let a = rng.random_range(1..=40u64);
+                (Op::Deposit(a), "deposit", a)
+            }
+            3..=6 => {
+                let a = rng.random_range(1..=60u64);
+                (Op::Withdraw(a), "withdraw", a)
+            }
+            _ => (Op::Query, "query", 0),
+        };
+        let id = if op == Op::Query && rng.random_range(0..5) == 0 { None } else { Some(event_id) };
+        let invoke = start.elapsed().as_nanos() as u64;
+        let reply = loop {
+            match support::call(&mut bank, id, name, amount as i32).await {
+                Ok(reply) => break reply,
+                Err(status) if status.code() == tonic::Code::Unavailable && (id.is_some() || op == Op::Query) => {
+                    continue;
+                }
+                Err(status) => panic!("client {index}: {name} {amount} on branch {branch}: {status}"),
+            }
+        };
+        let complete = start.elapsed().as_nanos() as u64;
+        let ret = match (op, reply.status.as_str()) {
+            (Op::Query, "success") => Ret::Balance(u64::try_from(reply.balance).expect("balance is never negative")),
+            (_, "success") => Ret::Success,
+            (_, "fail") => Ret::Fail,
+            (_, other) => panic!("unexpected status {other:?}"),
+        };
+        history.push(Call { client: index, op, ret, invoke, complete: complete.max(invoke + 1) });
+    }
+    history
+}
+
+async fn concurrent_history_is_linearizable(branches: u64, voters: usize, seed: u64) {
+    let cluster = support::start_cluster(branches, INITIAL, voters).await;
+    let clients = support::clients(&cluster);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|i| tokio::spawn(client(i, branches, clients.clone(), start, seed)))
+        .collect();
+    let mut history = Vec::new();
+    for task in tasks {
+        history.extend(task.await.expect("client task"));
+    }
+    let elapsed = start.elapsed();
+
+    let checked = Instant::now();
+    let verdict = linearizability::check(INITIAL, &history, 20_000_000);
+    println!(
+        "{} calls from {CLIENTS} clients on {branches} branches ({voters} voters) in {elapsed:?}; checked in {:?}",
+        history.len(),
+        checked.elapsed()
+    );
+    match &verdict {
+        Verdict::Linearizable { .. } => {}
+        other => panic!("history is not linearizable: {other:?}"),
+    }
+
+    // The account rules over the whole run: replicas end at initial + deposits - withdrawals.
+    let mut expected = INITIAL as i64;
+    for call in &history {
+        match (call.op, call.ret) {
+            (Op::Deposit(a), Ret::Success) => expected += a as i64,
+            (Op::Withdraw(a), Ret::Success) => expected -= a as i64,
+            _ => {}
+        }
+    }
+    assert!(expected >= 0, "more withdrawn than ever held: {expected}");
+    let successes = history.iter().filter(|c| c.ret == Ret::Success).count();
+    let failures = history.iter().filter(|c| c.ret == Ret::Fail).count();
+    assert!(successes > 0 && failures > 0, "workload should mix successful and failing withdrawals");
+    support::replicas_converge(&cluster, expected as u64).await;
+    cluster.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_clients_on_five_branches_three_voters() {
+    concurrent_history_is_linearizable(5, 3, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_clients_on_seven_branches_all_voting() {
+    concurrent_history_is_linearizable(7, 7, 2).await;
+}
+
+/// The checker is not vacuous on real data: the same run with one answer falsified (a query
+/// that reports one more than the balance) is rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_falsified_answer_in_a_real_history_is_caught() {
+    let cluster = support::start_cluster(3, INITIAL, 3).await;
+    let clients = support::clients(&cluster);
+    let start = Instant::now();
+    let mut history = client(0, 3, clients.clone(), start, 7).await;
+    // A sequential history: any query's answer is determined exactly.
+    let query = history
+        .iter_mut()
+        .find(|c| matches!(c.ret, Ret::Balance(_)))
+        .expect("the workload has a query");
+    if let Ret::Balance(b) = query.ret {
+        query.ret = Ret::Balance(b + 1);
+    }
+    let verdict = linearizability::check(INITIAL, &history, 1_000_000);
+    assert!(matches!(verdict, Verdict::NotLinearizable { .. }), "{verdict:?}");
+    cluster.shutdown().await.expect("clean shutdown");
+}

@@ -1,0 +1,91 @@
+//! Helpers shared by the integration tests: fixtures, in-process clusters on port 0, raw
+//! customer calls, and waiting for conditions (never fixed sleeps).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use distbank::cluster::{ClusterOptions, LocalCluster};
+use distbank::discovery::Addresses;
+use distbank::proto::EVENT_ID_METADATA;
+use distbank::proto::bank::bank_client::BankClient;
+use distbank::proto::bank::{TransactionRequest, TransactionResponse};
+use distbank::replay::BranchClients;
+use tonic::transport::Channel;
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+pub fn fixture_text(name: &str) -> String {
+    std::fs::read_to_string(fixture(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+}
+
+/// Starts `branches` branches (ids 1..=n) in this process and waits until all are SERVING.
+pub async fn start_cluster(branches: u64, initial_balance: u64, voters: usize) -> LocalCluster {
+    let ids: Vec<u64> = (1..=branches).collect();
+    let options = ClusterOptions {
+        voters,
+        ..ClusterOptions::default()
+    };
+    let cluster = LocalCluster::start(&ids, initial_balance, &options).await.expect("cluster starts");
+    cluster.wait_ready(Duration::from_secs(60)).await.expect("cluster ready");
+    cluster
+}
+
+/// Customer-API clients for every branch of `cluster`.
+pub fn clients(cluster: &LocalCluster) -> BranchClients {
+    let addrs = cluster.customer_addrs();
+    let ids: Vec<u64> = addrs.keys().copied().collect();
+    let addresses = Addresses::Static(addrs.into_iter().map(|(id, a)| (id, format!("http://{a}"))).collect());
+    BranchClients::new(&addresses, &ids, Duration::from_secs(2)).expect("clients")
+}
+
+pub fn bank_client(clients: &BranchClients, branch: u64) -> BankClient<Channel> {
+    BankClient::new(clients.channel(branch).expect("branch exists"))
+}
+
+/// One raw `MsgDelivery` call, with the event id in metadata when given.
+pub async fn call(
+    client: &mut BankClient<Channel>,
+    event_id: Option<u64>,
+    operation: &str,
+    amount: i32,
+) -> Result<TransactionResponse, tonic::Status> {
+    let mut request = tonic::Request::new(TransactionRequest {
+        customer_id: 1,
+        operation: operation.to_string(),
+        amount,
+    });
+    if let Some(id) = event_id {
+        request.metadata_mut().insert(EVENT_ID_METADATA, id.into());
+    }
+    client.msg_delivery(request).await.map(|r| r.into_inner())
+}
+
+/// Polls `condition` until it holds or `timeout` passes (then panics with `what`).
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until every replica of `cluster` shows `balance`.
+pub async fn replicas_converge(cluster: &LocalCluster, balance: u64) {
+    eventually(Duration::from_secs(20), "all replicas to converge", || async {
+        cluster.local_balances().values().all(|b| *b == balance)
+    })
+    .await;
+    let balances = cluster.local_balances();
+    assert!(balances.values().all(|b| *b == balance), "replicas differ: {balances:?}");
+}
