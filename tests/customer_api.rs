@@ -17,7 +17,9 @@ async fn propagate_operations_from_customers_are_refused_and_change_nothing() {
     for branch in 1..=3 {
         let mut bank = support::bank_client(&clients, branch);
         for op in ["propagate_deposit", "propagate_withdraw"] {
-            let status = support::call(&mut bank, Some(branch * 10), op, 50).await.expect_err("refused");
+            let status = support::call(&mut bank, Some(branch * 10), op, 50)
+                .await
+                .expect_err("refused");
             assert_eq!(status.code(), Code::PermissionDenied, "{op}: {status}");
             assert!(status.message().contains(op), "{status}");
         }
@@ -53,10 +55,15 @@ async fn malformed_requests_get_invalid_argument() {
         operation: "query".into(),
         amount: 0,
     });
-    request.metadata_mut().insert(distbank::proto::EVENT_ID_METADATA, "seven".parse().expect("ascii"));
+    request
+        .metadata_mut()
+        .insert(distbank::proto::EVENT_ID_METADATA, "seven".parse().expect("ascii"));
     let status = bank.msg_delivery(request).await.expect_err("refused");
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains(distbank::proto::EVENT_ID_METADATA), "{status}");
+    assert!(
+        status.message().contains(distbank::proto::EVENT_ID_METADATA),
+        "{status}"
+    );
     support::replicas_converge(&cluster, 100).await;
     cluster.shutdown().await.expect("clean shutdown");
 }
@@ -66,9 +73,21 @@ async fn overdrawing_withdrawal_fails_everywhere_and_exact_balance_succeeds() {
     let cluster = support::start_cluster(4, 100, 3).await;
     let clients = support::clients(&cluster);
     let mut b4 = support::bank_client(&clients, 4);
-    assert_eq!(support::call(&mut b4, Some(1), "withdraw", 101).await.expect("answer").status, "fail");
+    assert_eq!(
+        support::call(&mut b4, Some(1), "withdraw", 101)
+            .await
+            .expect("answer")
+            .status,
+        "fail"
+    );
     support::replicas_converge(&cluster, 100).await;
-    assert_eq!(support::call(&mut b4, Some(2), "withdraw", 100).await.expect("answer").status, "success");
+    assert_eq!(
+        support::call(&mut b4, Some(2), "withdraw", 100)
+            .await
+            .expect("answer")
+            .status,
+        "success"
+    );
     support::replicas_converge(&cluster, 0).await;
     let mut b1 = support::bank_client(&clients, 1);
     let reply = support::call(&mut b1, None, "query", 0).await.expect("query");
@@ -81,8 +100,20 @@ async fn deposits_beyond_the_int32_wire_limit_fail() {
     let cluster = support::start_cluster(2, i32::MAX as u64 - 10, 3).await;
     let clients = support::clients(&cluster);
     let mut bank = support::bank_client(&clients, 2);
-    assert_eq!(support::call(&mut bank, Some(1), "deposit", 11).await.expect("answer").status, "fail");
-    assert_eq!(support::call(&mut bank, Some(2), "deposit", 10).await.expect("answer").status, "success");
+    assert_eq!(
+        support::call(&mut bank, Some(1), "deposit", 11)
+            .await
+            .expect("answer")
+            .status,
+        "fail"
+    );
+    assert_eq!(
+        support::call(&mut bank, Some(2), "deposit", 10)
+            .await
+            .expect("answer")
+            .status,
+        "success"
+    );
     let reply = support::call(&mut bank, Some(3), "query", 0).await.expect("query");
     assert_eq!(reply.balance, i32::MAX);
     cluster.shutdown().await.expect("clean shutdown");
@@ -96,10 +127,16 @@ async fn every_branch_reports_serving_over_grpc_health() {
         let mut health = HealthClient::new(clients.channel(branch).expect("channel"));
         for service in ["", "Bank"] {
             let reply = health
-                .check(HealthCheckRequest { service: service.into() })
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
                 .await
                 .unwrap_or_else(|e| panic!("branch {branch} health {service:?}: {e}"));
-            assert_eq!(reply.into_inner().status, ServingStatus::Serving as i32, "branch {branch} {service:?}");
+            assert_eq!(
+                reply.into_inner().status,
+                ServingStatus::Serving as i32,
+                "branch {branch} {service:?}"
+            );
         }
     }
     cluster.shutdown().await.expect("clean shutdown");
@@ -116,22 +153,35 @@ async fn health_is_not_serving_before_the_cluster_has_formed() {
     let config = BranchConfig {
         id: 1,
         initial_balance: 0,
-        members: [(1, peer.local_addr().expect("addr").to_string()), (2, "127.0.0.1:1".into()), (3, "127.0.0.1:1".into())]
-            .into_iter()
-            .collect(),
+        members: [
+            (1, peer.local_addr().expect("addr").to_string()),
+            (2, "127.0.0.1:1".into()),
+            (3, "127.0.0.1:1".into()),
+        ]
+        .into_iter()
+        .collect(),
         voters: 3,
         timing: Default::default(),
         request_timeout: Duration::from_millis(300),
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = branch::start(config, customer, peer, shutdown.clone()).await.expect("starts");
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("url").connect_lazy();
+    let running = branch::start(config, customer, peer, shutdown.clone())
+        .await
+        .expect("starts");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect_lazy();
     let mut health = HealthClient::new(channel.clone());
-    let reply = health.check(HealthCheckRequest { service: String::new() }).await.expect("health answers");
+    let reply = health
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .expect("health answers");
     assert_eq!(reply.into_inner().status, ServingStatus::NotServing as i32);
     // A customer request fails with UNAVAILABLE (retryable), not a wrong answer.
     let mut bank = distbank::proto::bank::bank_client::BankClient::new(channel);
-    let status = support::call(&mut bank, Some(1), "deposit", 5).await.expect_err("no quorum");
+    let status = support::call(&mut bank, Some(1), "deposit", 5)
+        .await
+        .expect_err("no quorum");
     assert_eq!(status.code(), Code::Unavailable, "{status}");
     assert!(!running.is_ready());
     shutdown.cancel();

@@ -21,7 +21,13 @@ const INITIAL: u64 = 100;
 
 /// One client: random operations on random branches; every write carries a unique event id
 /// and is retried with it on UNAVAILABLE; a fifth of the queries are anonymous.
-async fn client(index: usize, branches: u64, clients: distbank::replay::BranchClients, start: Instant, seed: u64) -> Vec<Call> {
+async fn client(
+    index: usize,
+    branches: u64,
+    clients: distbank::replay::BranchClients,
+    start: Instant,
+    seed: u64,
+) -> Vec<Call> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed + index as u64);
     let mut history = Vec::with_capacity(OPS_PER_CLIENT);
     for n in 0..OPS_PER_CLIENT {
@@ -39,7 +45,11 @@ async fn client(index: usize, branches: u64, clients: distbank::replay::BranchCl
             }
             _ => (Op::Query, "query", 0),
         };
-        let id = if op == Op::Query && rng.random_range(0..5) == 0 { None } else { Some(event_id) };
+        let id = if op == Op::Query && rng.random_range(0..5) == 0 {
+            None
+        } else {
+            Some(event_id)
+        };
         let invoke = start.elapsed().as_nanos() as u64;
         let reply = loop {
             match support::call(&mut bank, id, name, amount as i32).await {
@@ -57,7 +67,13 @@ async fn client(index: usize, branches: u64, clients: distbank::replay::BranchCl
             (_, "fail") => Ret::Fail,
             (_, other) => panic!("unexpected status {other:?}"),
         };
-        history.push(Call { client: index, op, ret, invoke, complete: complete.max(invoke + 1) });
+        history.push(Call {
+            client: index,
+            op,
+            ret,
+            invoke,
+            complete: complete.max(invoke + 1),
+        });
     }
     history
 }
@@ -99,7 +115,10 @@ async fn concurrent_history_is_linearizable(branches: u64, voters: usize, seed: 
     assert!(expected >= 0, "more withdrawn than ever held: {expected}");
     let successes = history.iter().filter(|c| c.ret == Ret::Success).count();
     let failures = history.iter().filter(|c| c.ret == Ret::Fail).count();
-    assert!(successes > 0 && failures > 0, "workload should mix successful and failing withdrawals");
+    assert!(
+        successes > 0 && failures > 0,
+        "workload should mix successful and failing withdrawals"
+    );
     support::replicas_converge(&cluster, expected as u64).await;
     cluster.shutdown().await.expect("clean shutdown");
 }

@@ -198,10 +198,7 @@ pub fn check(initial_balance: u64, history: &[Call], max_states: u64) -> Verdict
             describe(i, call)
         );
     }
-    assert!(
-        history.len() < (u32::MAX / 2 - 2) as usize,
-        "history too long"
-    );
+    assert!(history.len() < (u32::MAX / 2 - 2) as usize, "history too long");
     Search::new(initial_balance, history).run(max_states)
 }
 
@@ -563,17 +560,10 @@ impl<'h> Search<'h> {
             n
         );
         if best.is_empty() {
-            let _ = writeln!(
-                reason,
-                "No call can even be linearized first (balance {balance})."
-            );
+            let _ = writeln!(reason, "No call can even be linearized first (balance {balance}).");
         } else {
             let plural = if best.len() == 1 { "" } else { "s" };
-            let _ = write!(
-                reason,
-                "Longest linearizable prefix found: {} call{plural}",
-                best.len()
-            );
+            let _ = write!(reason, "Longest linearizable prefix found: {} call{plural}", best.len());
             if best.len() > SHOWN {
                 let _ = write!(reason, " (last {SHOWN} shown)");
             }
@@ -587,10 +577,7 @@ impl<'h> Search<'h> {
             "Call {} must be linearized by {deadline_time} ns, but no call that may come next fits:",
             self.describe(deadline)
         );
-        for &id in pending
-            .iter()
-            .filter(|&&id| self.call(id).invoke <= deadline_time)
-        {
+        for &id in pending.iter().filter(|&&id| self.call(id).invoke <= deadline_time) {
             let call = self.call(id);
             let verdict = match apply(balance, call.op) {
                 Some((ret, _)) if ret == call.ret => {
@@ -716,10 +703,7 @@ mod tests {
 
     #[test]
     fn empty_history_is_linearizable() {
-        assert_eq!(
-            check(7, &[], BUDGET),
-            Verdict::Linearizable { order: vec![] }
-        );
+        assert_eq!(check(7, &[], BUDGET), Verdict::Linearizable { order: vec![] });
     }
 
     #[test]
@@ -802,10 +786,7 @@ mod tests {
         ];
         let reason = expect_not_linearizable(0, &history);
         assert!(reason.contains("at most 2 of 3"), "{reason}");
-        assert!(
-            reason.contains("#2 (client 1: Query -> Balance(31)"),
-            "{reason}"
-        );
+        assert!(reason.contains("#2 (client 1: Query -> Balance(31)"), "{reason}");
         assert!(reason.contains("would return Balance(30)"), "{reason}");
     }
 
@@ -960,14 +941,7 @@ mod tests {
 
     /// 16 clients × 125 calls; each call overlaps a few others on average.
     fn large_history(seed: u64) -> Vec<Call> {
-        simulate(
-            &mut XorShift::new(seed),
-            1_000,
-            16,
-            125,
-            (2, 100_000),
-            250_000,
-        )
+        simulate(&mut XorShift::new(seed), 1_000, 16, 125, (2, 100_000), 250_000)
     }
 
     /// Average number of other calls each call overlaps.
@@ -976,10 +950,7 @@ mod tests {
         sorted.sort_by_key(|c| c.invoke);
         let mut total = 0usize;
         for (i, a) in sorted.iter().enumerate() {
-            total += sorted[i + 1..]
-                .iter()
-                .take_while(|b| b.invoke <= a.complete)
-                .count();
+            total += sorted[i + 1..].iter().take_while(|b| b.invoke <= a.complete).count();
         }
         2.0 * total as f64 / history.len() as f64
     }
@@ -1007,9 +978,7 @@ mod tests {
             let history = large_history(seed);
             assert_eq!(history.len(), 2_000);
             match timed_check(1_000, &history) {
-                Verdict::Linearizable { order } => {
-                    assert_valid_linearization(1_000, &history, &order)
-                }
+                Verdict::Linearizable { order } => assert_valid_linearization(1_000, &history, &order),
                 other => panic!("seed {seed}: {other:?}"),
             }
         }
@@ -1020,9 +989,9 @@ mod tests {
         for seed in 1..=3 {
             let mut history = large_history(seed);
             let overlaps_a_write = |q: &Call| {
-                history.iter().any(|w| {
-                    !matches!(w.op, Op::Query) && w.invoke <= q.complete && q.invoke <= w.complete
-                })
+                history
+                    .iter()
+                    .any(|w| !matches!(w.op, Op::Query) && w.invoke <= q.complete && q.invoke <= w.complete)
             };
             // The latest isolated query: the search must rule out every
             // linearization of everything before it.
@@ -1037,24 +1006,14 @@ mod tests {
             let Verdict::NotLinearizable { reason } = timed_check(1_000, &history) else {
                 panic!("seed {seed}: corrupted query #{victim} was not detected");
             };
-            assert!(
-                reason.contains(&format!("#{victim} ")),
-                "seed {seed}: {reason}"
-            );
+            assert!(reason.contains(&format!("#{victim} ")), "seed {seed}: {reason}");
         }
     }
 
     /// All 16 clients nearly always busy, so every call overlaps ~28 others
     /// and there is no quiescent point.
     fn contended_history(seed: u64, calls_per_client: usize) -> Vec<Call> {
-        simulate(
-            &mut XorShift::new(seed),
-            500,
-            16,
-            calls_per_client,
-            (2, 100_000),
-            2_000,
-        )
+        simulate(&mut XorShift::new(seed), 500, 16, calls_per_client, (2, 100_000), 2_000)
     }
 
     #[test]
@@ -1074,17 +1033,12 @@ mod tests {
         let Verdict::Linearizable { order } = check(500, &history, BUDGET) else {
             panic!("the simulated history is linearizable");
         };
-        let last = order
-            .iter()
-            .fold(500, |b, &i| step(b, &history[i]).unwrap());
+        let last = order.iter().fold(500, |b, &i| step(b, &history[i]).unwrap());
         let end = history.iter().map(|c| c.complete).max().unwrap();
         history.push(c(16, Op::Query, Ret::Balance(last + 1), end + 1, end + 2));
         let Verdict::NotLinearizable { reason } = timed_check(500, &history) else {
             panic!("impossible final balance not detected");
         };
-        assert!(
-            reason.contains(&format!("would return Balance({last})")),
-            "{reason}"
-        );
+        assert!(reason.contains(&format!("would return Balance({last})")), "{reason}");
     }
 }

@@ -29,8 +29,13 @@ pub async fn start_cluster(branches: u64, initial_balance: u64, voters: usize) -
         voters,
         ..ClusterOptions::default()
     };
-    let cluster = LocalCluster::start(&ids, initial_balance, &options).await.expect("cluster starts");
-    cluster.wait_ready(Duration::from_secs(60)).await.expect("cluster ready");
+    let cluster = LocalCluster::start(&ids, initial_balance, &options)
+        .await
+        .expect("cluster starts");
+    cluster
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .expect("cluster ready");
     cluster
 }
 
@@ -87,5 +92,8 @@ pub async fn replicas_converge(cluster: &LocalCluster, balance: u64) {
     })
     .await;
     let balances = cluster.local_balances();
-    assert!(balances.values().all(|b| *b == balance), "replicas differ: {balances:?}");
+    assert!(
+        balances.values().all(|b| *b == balance),
+        "replicas differ: {balances:?}"
+    );
 }

@@ -1,0 +1,218 @@
+//! Bad input: `distbank run` exits with code 2, names the file, the item and the field, says
+//! what was expected, and writes no output file (an existing one is left untouched).
+
+use std::path::Path;
+use std::process::Command;
+
+const BRANCH: &str = r#"{"id": 1, "type": "branch", "balance": 100}"#;
+
+fn customer(events: &str) -> String {
+    format!(r#"[{BRANCH}, {{"id": 1, "type": "customer", "events": [{events}]}}]"#)
+}
+
+/// Runs `distbank run bad.json -o out.json` in a fresh directory; returns stderr.
+fn run_rejected(input: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input_path = dir.path().join("bad.json");
+    std::fs::write(&input_path, input).expect("write input");
+    let output_path = dir.path().join("out.json");
+    let result = Command::new(env!("CARGO_BIN_EXE_distbank"))
+        .args(["run", "bad.json", "-o", "out.json"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("distbank runs");
+    let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+    assert_eq!(result.status.code(), Some(2), "exit code for {input}: stderr: {stderr}");
+    assert!(!output_path.exists(), "an output file was written for {input}");
+    assert!(stderr.contains("bad.json"), "the message names the file: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
+    stderr
+}
+
+fn assert_rejected(input: &str, fragments: &[&str]) {
+    let stderr = run_rejected(input);
+    for fragment in fragments {
+        assert!(stderr.contains(fragment), "expected {fragment:?} in: {stderr}");
+    }
+}
+
+#[test]
+fn not_json() {
+    assert_rejected("[{\"id\": 1,", &["not valid JSON", "line 1"]);
+    assert_rejected("", &["not valid JSON"]);
+}
+
+#[test]
+fn not_an_array() {
+    assert_rejected(r#"{"id": 1}"#, &["$:", "expected an array"]);
+    assert_rejected(r#"[17]"#, &["$[0]", "object"]);
+}
+
+#[test]
+fn unknown_or_missing_type() {
+    assert_rejected(
+        r#"[{"id": 1, "type": "bank"}]"#,
+        &["$[0].type", "\"branch\" or \"customer\"", "bank"],
+    );
+    assert_rejected(r#"[{"id": 1, "balance": 4}]"#, &["$[0]", "type"]);
+}
+
+#[test]
+fn money_missing_negative_or_not_an_integer() {
+    assert_rejected(
+        &customer(r#"{"id": 1, "interface": "deposit"}"#),
+        &["$[1].events[0]", "money", "positive integer"],
+    );
+    assert_rejected(
+        &customer(r#"{"id": 1, "interface": "withdraw", "money": -5}"#),
+        &["$[1].events[0].money", "-5"],
+    );
+    assert_rejected(
+        &customer(r#"{"id": 1, "interface": "deposit", "money": 2.5}"#),
+        &["$[1].events[0].money", "2.5"],
+    );
+    assert_rejected(
+        &customer(r#"{"id": 1, "interface": "deposit", "money": "10"}"#),
+        &["$[1].events[0].money", "10"],
+    );
+    assert_rejected(
+        &customer(r#"{"id": 1, "interface": "deposit", "money": 0}"#),
+        &["$[1].events[0].money", "positive"],
+    );
+}
+
+#[test]
+fn unknown_interface() {
+    assert_rejected(
+        &customer(r#"{"id": 1, "interface": "transfer", "money": 5}"#),
+        &[
+            "$[1].events[0].interface",
+            "\"deposit\", \"withdraw\" or \"query\"",
+            "transfer",
+        ],
+    );
+}
+
+#[test]
+fn duplicate_branch_ids() {
+    assert_rejected(
+        &format!("[{BRANCH}, {BRANCH}]"),
+        &["$[1]", "duplicate branch id 1", "$[0]"],
+    );
+}
+
+#[test]
+fn duplicate_event_ids() {
+    assert_rejected(
+        &format!(
+            r#"[{BRANCH}, {{"id": 1, "type": "customer", "events": [{{"id": 3, "interface": "query"}}]}},
+               {{"id": 1, "type": "customer", "events": [{{"id": 3, "interface": "query"}}]}}]"#
+        ),
+        &["$[2].events[0]", "duplicate event id 3", "$[1].events[0]"],
+    );
+}
+
+#[test]
+fn customer_without_a_branch() {
+    assert_rejected(
+        &format!(r#"[{BRANCH}, {{"id": 2, "type": "customer", "events": []}}]"#),
+        &["$[1]", "customer 2", "no branch 2"],
+    );
+}
+
+#[test]
+fn no_branches_at_all() {
+    assert_rejected(r#"[{"id": 1, "type": "customer", "events": []}]"#, &["branch"]);
+}
+
+#[test]
+fn different_initial_balances() {
+    assert_rejected(
+        &format!(r#"[{BRANCH}, {{"id": 2, "type": "branch", "balance": 7}}]"#),
+        &["$[1]", "branch 2", "7", "100", "replicas"],
+    );
+}
+
+#[test]
+fn amounts_and_balances_that_overflow() {
+    assert_rejected(
+        r#"[{"id": 1, "type": "branch", "balance": 2147483648}]"#,
+        &["$[0].balance", "2147483647"],
+    );
+    assert_rejected(
+        r#"[{"id": 1, "type": "branch", "balance": 99999999999999999999}]"#,
+        &["$[0].balance"],
+    );
+    assert_rejected(
+        &customer(r#"{"id": 1, "interface": "deposit", "money": 2147483600}"#),
+        &["$[1].events[0].money", "2147483647"],
+    );
+    assert_rejected(
+        &customer(r#"{"id": 1, "interface": "deposit", "money": 9999999999999}"#),
+        &["$[1].events[0].money", "2147483647"],
+    );
+}
+
+#[test]
+fn bad_ids() {
+    assert_rejected(r#"[{"id": -1, "type": "branch", "balance": 1}]"#, &["$[0].id"]);
+    assert_rejected(r#"[{"id": "one", "type": "branch", "balance": 1}]"#, &["$[0].id"]);
+    assert_rejected(&customer(r#"{"interface": "query"}"#), &["$[1].events[0]", "id"]);
+}
+
+#[test]
+fn unreadable_file_names_the_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let result = Command::new(env!("CARGO_BIN_EXE_distbank"))
+        .args(["run", "missing.json", "-o", "out.json"])
+        .current_dir(dir.path())
+        .output()
+        .expect("runs");
+    assert_eq!(result.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&result.stderr).contains("missing.json"));
+    assert!(!dir.path().join("out.json").exists());
+}
+
+#[test]
+fn an_existing_output_file_is_left_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("bad.json"), "[").expect("write");
+    let previous = dir.path().join("out.json");
+    std::fs::write(&previous, "previous run").expect("write");
+    let status = Command::new(env!("CARGO_BIN_EXE_distbank"))
+        .args(["run", "bad.json", "-o", "out.json"])
+        .current_dir(dir.path())
+        .output()
+        .expect("runs")
+        .status;
+    assert_eq!(status.code(), Some(2));
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&previous)).expect("read"),
+        "previous run"
+    );
+}
+
+#[test]
+fn older_variants_are_accepted() {
+    // Money on queries (older course files) is ignored; 10.0 is the integer 10.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("old.json"),
+        r#"[{"id": 1, "type": "customer", "events": [{"id": 1, "interface": "query", "money": 5},
+            {"id": 2, "interface": "deposit", "money": 10.0}, {"id": 3, "interface": "query"}]},
+           {"id": 1, "type": "branch", "balance": 400}]"#,
+    )
+    .expect("write");
+    let result = Command::new(env!("CARGO_BIN_EXE_distbank"))
+        .args(["run", "old.json", "-o", "out.json"])
+        .current_dir(dir.path())
+        .output()
+        .expect("runs");
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("out.json")).expect("output"),
+        r#"[{"id": 1, "recv": [{"interface": "query", "balance": 400}, {"interface": "deposit", "result": "success"}, {"interface": "query", "balance": 410}]}]"#
+    );
+}
