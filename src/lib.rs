@@ -26,9 +26,10 @@
 //!
 //! Around them: [`discovery`] (peer and branch addresses: lists, `{id}`/`{ordinal}` templates,
 //! StatefulSet ordinals), [`proto`] (generated code and every wire conversion), [`telemetry`]
-//! (logging setup).
+//! (logging setup), [`bench`] (timed local runs for `distbank bench`).
 
 pub mod account;
+pub mod bench;
 pub mod branch;
 pub mod cluster;
 pub mod discovery;

@@ -73,6 +73,21 @@ enum Command {
         #[command(flatten)]
         replay: ReplayArgs,
     },
+    /// Time complete local runs of INPUT (start-up, replay, output, shutdown) and print
+    /// wall time, events/s, latency percentiles by operation, peak RSS and CPU time.
+    Bench {
+        input: PathBuf,
+        /// How many runs (each on a fresh cluster).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Check every run's output against this file (e.g. the course's reference output).
+        #[arg(long)]
+        expect: Option<PathBuf>,
+        #[command(flatten)]
+        consensus: ConsensusArgs,
+        #[command(flatten)]
+        replay: ReplayArgs,
+    },
     /// Run one branch (one Kubernetes pod).
     Branch(BranchArgs),
     /// Replay INPUT against running branches whose addresses come from a template or list.
@@ -167,7 +182,7 @@ impl ReplayArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet = matches!(cli.command, Command::Run { .. } | Command::Client { .. });
+    let quiet = matches!(cli.command, Command::Run { .. } | Command::Client { .. } | Command::Bench { .. });
     if let Err(e) = telemetry::init(cli.log_format, if quiet { "warn" } else { "info" }) {
         eprintln!("distbank: cannot set up logging: {e}");
         return ExitCode::FAILURE;
@@ -231,6 +246,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             replay_to_file(&input_data, &Addresses::Static(list), &output, &replay, None).await
         }
         Command::Branch(args) => branch(args).await,
+        Command::Bench { input, runs, expect, consensus, replay } => bench(&input, runs, expect.as_deref(), &consensus, &replay).await,
         Command::Replay {
             input,
             branch_addr,
@@ -313,6 +329,34 @@ async fn run(
         started.elapsed().as_secs_f64() * 1e3,
         output_path.display()
     );
+    Ok(())
+}
+
+/// `distbank bench`: repeated complete local runs, with figures.
+async fn bench(input_path: &Path, runs: usize, expect: Option<&Path>, consensus: &ConsensusArgs, replay_args: &ReplayArgs) -> anyhow::Result<()> {
+    let input = distbank::input::load(input_path)?;
+    let expected = expect
+        .map(|path| std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display())))
+        .transpose()?;
+    let cluster = consensus.cluster_options(IpAddr::from([127, 0, 0, 1]), None);
+    let options = replay_args.options();
+    let cpu_before = distbank::bench::cpu_time();
+    let mut figures = Vec::with_capacity(runs);
+    for run in 1..=runs.max(1) {
+        let figure = distbank::bench::run_once(&input, &cluster, &options).await?;
+        if let Some(expected) = &expected
+            && figure.output.trim() != expected.trim()
+        {
+            bail!("run {run}: the output differs from the expected output");
+        }
+        figures.push(figure);
+    }
+    let cpu = distbank::bench::cpu_time().zip(cpu_before).map(|(after, before)| after.saturating_sub(before));
+    let name = input_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    print!("{}", distbank::bench::report(&name, input.branch_ids().len(), input.event_count(), &figures, cpu));
+    if expected.is_some() {
+        println!("  output: identical to the expected output in every run");
+    }
     Ok(())
 }
 

@@ -131,13 +131,36 @@ pub async fn replay(
     clients: &BranchClients,
     options: &ReplayOptions,
 ) -> Result<Vec<CustomerOutput>, ReplayError> {
-    futures::stream::iter(input.customers.iter())
-        .map(|customer| run_customer(customer, clients, options))
-        .buffered(options.concurrency.max(1))
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect()
+    Ok(replay_timed(input, clients, options).await?.0)
+}
+
+/// How long one event took, from the first send to the answer (retries included).
+#[derive(Debug, Clone, Copy)]
+pub struct EventTiming {
+    pub operation: Operation,
+    pub latency: Duration,
+}
+
+/// [`replay`], also returning every event's latency (for benchmarks).
+pub async fn replay_timed(
+    input: &Input,
+    clients: &BranchClients,
+    options: &ReplayOptions,
+) -> Result<(Vec<CustomerOutput>, Vec<EventTiming>), ReplayError> {
+    let results: Vec<Result<(CustomerOutput, Vec<EventTiming>), ReplayError>> =
+        futures::stream::iter(input.customers.iter())
+            .map(|customer| run_customer(customer, clients, options))
+            .buffered(options.concurrency.max(1))
+            .collect()
+            .await;
+    let mut outputs = Vec::with_capacity(results.len());
+    let mut timings = Vec::with_capacity(input.event_count());
+    for result in results {
+        let (output, customer_timings) = result?;
+        outputs.push(output);
+        timings.extend(customer_timings);
+    }
+    Ok((outputs, timings))
 }
 
 /// One customer item: its events in event-id order, each waiting for the previous answer.
@@ -145,15 +168,21 @@ async fn run_customer(
     customer: &CustomerSpec,
     clients: &BranchClients,
     options: &ReplayOptions,
-) -> Result<CustomerOutput, ReplayError> {
+) -> Result<(CustomerOutput, Vec<EventTiming>), ReplayError> {
     let mut events: Vec<&Event> = customer.events.iter().collect();
     events.sort_by_key(|event| event.id);
     let mut client = clients.client(customer.id)?;
     let mut recv = Vec::with_capacity(events.len());
+    let mut timings = Vec::with_capacity(events.len());
     for event in events {
+        let started = Instant::now();
         recv.push(send_event(&mut client, customer.id, event, options).await?);
+        timings.push(EventTiming {
+            operation: event.operation,
+            latency: started.elapsed(),
+        });
     }
-    Ok(CustomerOutput { id: customer.id, recv })
+    Ok((CustomerOutput { id: customer.id, recv }, timings))
 }
 
 /// Sends one event, retrying transient failures with the same event id.
