@@ -36,7 +36,11 @@ pub struct RunFigures {
 }
 
 /// One complete local run, timed phase by phase.
-pub async fn run_once(input: &Input, cluster: &ClusterOptions, replay_options: &ReplayOptions) -> Result<RunFigures, BenchError> {
+pub async fn run_once(
+    input: &Input,
+    cluster: &ClusterOptions,
+    replay_options: &ReplayOptions,
+) -> Result<RunFigures, BenchError> {
     let started = Instant::now();
     let ids = input.branch_ids();
     let options = ClusterOptions {
@@ -47,8 +51,13 @@ pub async fn run_once(input: &Input, cluster: &ClusterOptions, replay_options: &
     let local = LocalCluster::start(&ids, input.initial_balance(), &options).await?;
     let result = async {
         local.wait_ready(Duration::from_secs(60)).await?;
-        let addresses =
-            Addresses::Static(local.customer_addrs().into_iter().map(|(id, a)| (id, format!("http://{a}"))).collect());
+        let addresses = Addresses::Static(
+            local
+                .customer_addrs()
+                .into_iter()
+                .map(|(id, a)| (id, format!("http://{a}")))
+                .collect(),
+        );
         let clients = BranchClients::new(&addresses, &ids, Duration::from_secs(2))?;
         replay::wait_until_serving(&clients, Duration::from_secs(10)).await?;
         let start = started.elapsed();
@@ -106,7 +115,11 @@ pub fn report(name: &str, branches: usize, events: usize, runs: &[RunFigures], c
     let mut totals: Vec<Duration> = runs.iter().map(|r| r.total).collect();
     totals.sort();
     let median = quantile(&totals, 0.5);
-    let _ = writeln!(out, "bench {name}: {branches} branches, {events} events, {} run(s)", runs.len());
+    let _ = writeln!(
+        out,
+        "bench {name}: {branches} branches, {events} events, {} run(s)",
+        runs.len()
+    );
     for (i, run) in runs.iter().enumerate() {
         let _ = writeln!(
             out,
@@ -134,7 +147,10 @@ pub fn report(name: &str, branches: usize, events: usize, runs: &[RunFigures], c
     );
     let mut by_kind: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
     for timing in runs.iter().flat_map(|r| &r.timings) {
-        by_kind.entry(timing.operation.interface()).or_default().push(timing.latency);
+        by_kind
+            .entry(timing.operation.interface())
+            .or_default()
+            .push(timing.latency);
     }
     for (kind, mut latencies) in by_kind {
         latencies.sort();
@@ -148,10 +164,19 @@ pub fn report(name: &str, branches: usize, events: usize, runs: &[RunFigures], c
         );
     }
     if let Some(rss) = peak_rss_kib() {
-        let _ = writeln!(out, "  peak RSS {:.1} MiB (whole process: every branch and the replay)", rss as f64 / 1024.0);
+        let _ = writeln!(
+            out,
+            "  peak RSS {:.1} MiB (whole process: every branch and the replay)",
+            rss as f64 / 1024.0
+        );
     }
     if let Some(cpu) = cpu {
-        let _ = writeln!(out, "  CPU time {:.0} ms over all runs ({:.1} ms per run)", ms(cpu), ms(cpu) / runs.len().max(1) as f64);
+        let _ = writeln!(
+            out,
+            "  CPU time {:.0} ms over all runs ({:.1} ms per run)",
+            ms(cpu),
+            ms(cpu) / runs.len().max(1) as f64
+        );
     }
     out
 }

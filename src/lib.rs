@@ -26,9 +26,11 @@
 //!
 //! Around them: [`discovery`] (peer and branch addresses: lists, `{id}`/`{ordinal}` templates,
 //! StatefulSet ordinals), [`proto`] (generated code and every wire conversion), [`telemetry`]
-//! (logging setup), [`bench`] (timed local runs for `distbank bench`).
+//! (logging setup), [`bench`] (timed local runs for `distbank bench`), [`artifact`] (uploading
+//! output.json to a Kubernetes ConfigMap from the replay Job).
 
 pub mod account;
+pub mod artifact;
 pub mod bench;
 pub mod branch;
 pub mod cluster;

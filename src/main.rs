@@ -78,10 +78,10 @@ enum Command {
     Bench {
         input: PathBuf,
         /// How many runs (each on a fresh cluster).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, env = "DISTBANK_BENCH_RUNS", default_value_t = 5)]
         runs: usize,
         /// Check every run's output against this file (e.g. the course's reference output).
-        #[arg(long)]
+        #[arg(long, env = "DISTBANK_BENCH_EXPECT")]
         expect: Option<PathBuf>,
         #[command(flatten)]
         consensus: ConsensusArgs,
@@ -105,8 +105,27 @@ enum Command {
         /// Seconds to wait for every branch to report SERVING before replaying.
         #[arg(long, env = "DISTBANK_WAIT_TIMEOUT", default_value_t = 120)]
         wait_timeout: u64,
+        /// Also upload output.json to this ConfigMap (in-cluster credentials; namespace from
+        /// POD_NAMESPACE or the service account).
+        #[arg(long, env = "DISTBANK_UPLOAD_CONFIGMAP")]
+        upload_configmap: Option<String>,
         #[command(flatten)]
         replay: ReplayArgs,
+    },
+    /// Check that branches report SERVING over gRPC health (what `helm test` runs); exit 0 if
+    /// all do within the timeout.
+    HealthCheck {
+        /// Customer-API address template with {id} or {ordinal}, or a list 1=host:port,...
+        #[arg(long, env = "DISTBANK_BRANCH_ADDR")]
+        addr_template: String,
+        /// Branch ids 1..=COUNT (with a list: every listed branch).
+        #[arg(long, env = "DISTBANK_BRANCH_COUNT")]
+        count: Option<u64>,
+        #[arg(long, env = "DISTBANK_ID_OFFSET", default_value_t = 1)]
+        id_offset: u64,
+        /// Seconds to wait for SERVING.
+        #[arg(long, env = "DISTBANK_WAIT_TIMEOUT", default_value_t = 30)]
+        timeout: u64,
     },
 }
 
@@ -182,7 +201,10 @@ impl ReplayArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet = matches!(cli.command, Command::Run { .. } | Command::Client { .. } | Command::Bench { .. });
+    let quiet = matches!(
+        cli.command,
+        Command::Run { .. } | Command::Client { .. } | Command::Bench { .. }
+    );
     if let Err(e) = telemetry::init(cli.log_format, if quiet { "warn" } else { "info" }) {
         eprintln!("distbank: cannot set up logging: {e}");
         return ExitCode::FAILURE;
@@ -246,30 +268,50 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             replay_to_file(&input_data, &Addresses::Static(list), &output, &replay, None).await
         }
         Command::Branch(args) => branch(args).await,
-        Command::Bench { input, runs, expect, consensus, replay } => bench(&input, runs, expect.as_deref(), &consensus, &replay).await,
+        Command::Bench {
+            input,
+            runs,
+            expect,
+            consensus,
+            replay,
+        } => bench(&input, runs, expect.as_deref(), &consensus, &replay).await,
         Command::Replay {
             input,
             branch_addr,
             id_offset,
             output,
             wait_timeout,
+            upload_configmap,
             replay,
         } => {
-            let addresses = if branch_addr.contains('{') {
-                Addresses::template(&branch_addr, id_offset)
-            } else {
-                Addresses::parse_list(&branch_addr)
-            }
-            .map_err(|e| UsageError(format!("--branch-addr: {e}")))?;
+            let addresses = branch_addresses(&branch_addr, id_offset)?;
             let input_data = distbank::input::load(&input)?;
-            replay_to_file(
-                &input_data,
-                &addresses,
-                &output,
-                &replay,
-                Some(Duration::from_secs(wait_timeout)),
-            )
-            .await
+            let wait = Some(Duration::from_secs(wait_timeout));
+            replay_to_file(&input_data, &addresses, &output, &replay, wait).await?;
+            if let Some(name) = upload_configmap {
+                upload(&output, &name).await?;
+            }
+            Ok(())
+        }
+        Command::HealthCheck {
+            addr_template,
+            count,
+            id_offset,
+            timeout,
+        } => {
+            let addresses = branch_addresses(&addr_template, id_offset)?;
+            let ids: Vec<u64> = match (&addresses, count) {
+                (_, Some(count)) => (1..=count).collect(),
+                (Addresses::Static(map), None) => map.keys().copied().collect(),
+                (Addresses::Template { .. }, None) => {
+                    bail!(UsageError("--count is required with an address template".into()))
+                }
+            };
+            let clients =
+                BranchClients::new(&addresses, &ids, Duration::from_secs(2)).map_err(|e| UsageError(e.to_string()))?;
+            replay::wait_until_serving(&clients, Duration::from_secs(timeout)).await?;
+            println!("distbank health-check: all {} branches SERVING", ids.len());
+            Ok(())
         }
     }
 }
@@ -333,7 +375,13 @@ async fn run(
 }
 
 /// `distbank bench`: repeated complete local runs, with figures.
-async fn bench(input_path: &Path, runs: usize, expect: Option<&Path>, consensus: &ConsensusArgs, replay_args: &ReplayArgs) -> anyhow::Result<()> {
+async fn bench(
+    input_path: &Path,
+    runs: usize,
+    expect: Option<&Path>,
+    consensus: &ConsensusArgs,
+    replay_args: &ReplayArgs,
+) -> anyhow::Result<()> {
     let input = distbank::input::load(input_path)?;
     let expected = expect
         .map(|path| std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display())))
@@ -351,9 +399,17 @@ async fn bench(input_path: &Path, runs: usize, expect: Option<&Path>, consensus:
         }
         figures.push(figure);
     }
-    let cpu = distbank::bench::cpu_time().zip(cpu_before).map(|(after, before)| after.saturating_sub(before));
-    let name = input_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    print!("{}", distbank::bench::report(&name, input.branch_ids().len(), input.event_count(), &figures, cpu));
+    let cpu = distbank::bench::cpu_time()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
+    let name = input_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    print!(
+        "{}",
+        distbank::bench::report(&name, input.branch_ids().len(), input.event_count(), &figures, cpu)
+    );
     if expected.is_some() {
         println!("  output: identical to the expected output in every run");
     }
@@ -443,6 +499,43 @@ async fn branch(args: BranchArgs) -> anyhow::Result<()> {
     shutdown.cancel();
     running.join().await?;
     tracing::info!(branch = id, "stopped");
+    Ok(())
+}
+
+/// `--branch-addr`: a template with {id}/{ordinal}, or a list.
+fn branch_addresses(spec: &str, id_offset: u64) -> Result<Addresses, UsageError> {
+    if spec.contains('{') {
+        Addresses::template(spec, id_offset)
+    } else {
+        Addresses::parse_list(spec)
+    }
+    .map_err(|e| UsageError(format!("--branch-addr: {e}")))
+}
+
+/// Uploads the written output file to ConfigMap `name` (the replay Job's artifact).
+async fn upload(output_path: &Path, name: &str) -> anyhow::Result<()> {
+    let output = std::fs::read_to_string(output_path).with_context(|| format!("reading {}", output_path.display()))?;
+    let (client, namespace) = distbank::artifact::client_from_env().await?;
+    let labels = [
+        ("app.kubernetes.io/name", "distbank"),
+        ("app.kubernetes.io/component", "output"),
+        ("app.kubernetes.io/managed-by", distbank::artifact::FIELD_MANAGER),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let payload = distbank::artifact::upload(client, &namespace, name, &output, labels).await?;
+    let how = match payload {
+        distbank::artifact::Payload::Plain(_) => format!("data[{:?}]", distbank::artifact::PLAIN_KEY),
+        distbank::artifact::Payload::Gzip(bytes) => {
+            format!(
+                "binaryData[{:?}] ({} bytes gzip)",
+                distbank::artifact::GZIP_KEY,
+                bytes.len()
+            )
+        }
+    };
+    println!("distbank: uploaded output.json to ConfigMap {namespace}/{name} {how}");
     Ok(())
 }
 

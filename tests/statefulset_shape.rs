@@ -61,6 +61,18 @@ fn branches_from_pod_names_and_a_replay_against_them() {
             .collect(),
     );
 
+    // What `helm test` runs: every branch answers SERVING over gRPC health.
+    let health = Command::new(env!("CARGO_BIN_EXE_distbank"))
+        .args(["health-check", "--count", "3", "--timeout", "60", "--addr-template"])
+        .arg(format!("http://127.0.0.{{id}}:{customer_port}"))
+        .output()
+        .expect("health-check runs");
+    assert!(
+        health.status.success(),
+        "health-check: {}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+
     let dir = tempfile::tempdir().expect("tempdir");
     let output = dir.path().join("output.json");
     let replay = |output: &std::path::Path| {
