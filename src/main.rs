@@ -137,6 +137,13 @@ struct ConsensusArgs {
     /// Seconds a customer request may wait for consensus before failing with UNAVAILABLE.
     #[arg(long, env = "DISTBANK_REQUEST_TIMEOUT", default_value_t = 10)]
     request_timeout: u64,
+    /// Raft heartbeat interval in ms (also the timeout of each replication call).
+    #[arg(long, env = "DISTBANK_HEARTBEAT_MS", default_value_t = RaftTiming::default().heartbeat_ms)]
+    heartbeat_ms: u64,
+    /// Raft election timeout in ms: a follower that hears no leader for a random time in
+    /// [T, 2T) starts an election.
+    #[arg(long, env = "DISTBANK_ELECTION_TIMEOUT_MS", default_value_t = RaftTiming::default().election_timeout_min_ms)]
+    election_timeout_ms: u64,
 }
 
 #[derive(Args, Clone)]
@@ -183,8 +190,16 @@ impl ConsensusArgs {
             host,
             base_port,
             voters: self.voters,
-            timing: RaftTiming::default(),
+            timing: self.timing(),
             request_timeout: Duration::from_secs(self.request_timeout),
+        }
+    }
+
+    fn timing(&self) -> RaftTiming {
+        RaftTiming {
+            heartbeat_ms: self.heartbeat_ms,
+            election_timeout_min_ms: self.election_timeout_ms,
+            election_timeout_max_ms: self.election_timeout_ms.saturating_mul(2),
         }
     }
 }
@@ -489,7 +504,7 @@ async fn branch(args: BranchArgs) -> anyhow::Result<()> {
         initial_balance: input.initial_balance(),
         members,
         voters: args.consensus.voters,
-        timing: RaftTiming::default(),
+        timing: args.consensus.timing(),
         request_timeout: Duration::from_secs(args.consensus.request_timeout),
     };
     tracing::info!(branch = id, listen = %args.listen, peer_listen = %args.peer_listen, "starting branch");

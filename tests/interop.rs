@@ -3,7 +3,7 @@
 //! `distbank client` replays it against a small Python server generated from the same proto.
 //!
 //! Needs a Python with grpcio and grpcio-tools: `DISTBANK_PYTHON` (set by scripts/test.sh,
-//! which creates the virtualenv) or `python3`.
+//! which creates the virtualenv), else that virtualenv if present, else `python3`.
 
 use std::io::{BufRead as _, BufReader};
 use std::net::TcpListener;
@@ -19,8 +19,15 @@ fn repo() -> &'static Path {
 }
 
 fn python() -> PathBuf {
+    // scripts/test.sh's virtualenv, when cargo test runs on its own.
+    let cached = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .map(|cache| cache.join("distbank/venv/bin/python"))
+        .filter(|path| path.exists());
     let python = std::env::var_os("DISTBANK_PYTHON")
         .map(PathBuf::from)
+        .or(cached)
         .unwrap_or_else(|| "python3".into());
     let ok = Command::new(&python)
         .args(["-c", "import grpc, grpc_tools"])

@@ -27,8 +27,9 @@ openraft::declare_raft_types!(
 pub type NodeId = u64;
 pub type Raft = openraft::Raft<TypeConfig>;
 
-/// Timing of the consensus protocol. Tuned for loopback and in-cluster networks, where a round
-/// trip is well under a millisecond: a dead leader is replaced in roughly half a second.
+/// Timing of the consensus protocol. openraft also uses the heartbeat interval as the timeout
+/// of every AppendEntries call, so it must cover a slow, loaded machine (a debug build on two
+/// busy cores takes tens of milliseconds per call); a dead leader is replaced in 1-2 s.
 #[derive(Debug, Clone, Copy)]
 pub struct RaftTiming {
     pub heartbeat_ms: u64,
@@ -39,9 +40,9 @@ pub struct RaftTiming {
 impl Default for RaftTiming {
     fn default() -> Self {
         RaftTiming {
-            heartbeat_ms: 100,
-            election_timeout_min_ms: 400,
-            election_timeout_max_ms: 800,
+            heartbeat_ms: 200,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
         }
     }
 }
