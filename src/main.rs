@@ -467,9 +467,7 @@ async fn branch(args: BranchArgs) -> anyhow::Result<()> {
     let id = match args.id {
         Some(id) => id,
         None => {
-            let name = pod_name()
-                .ok_or_else(|| UsageError("no --id, and neither POD_NAME nor the hostname is available".into()))?;
-            let ordinal = discovery::ordinal_from_pod_name(&name).map_err(|e| UsageError(e.to_string()))?;
+            let ordinal = pod_ordinal()?;
             ordinal
                 .checked_add(args.id_offset)
                 .ok_or_else(|| UsageError(format!("ordinal {ordinal} + offset {} overflows", args.id_offset)))?
@@ -589,6 +587,22 @@ async fn replay_to_file(
         output_path.display()
     );
     Ok(())
+}
+
+/// This pod's StatefulSet ordinal: `POD_INDEX` (the `apps.kubernetes.io/pod-index` label via the
+/// downward API, Kubernetes 1.28+; empty where the label does not exist), else the number at
+/// the end of `POD_NAME` or the hostname.
+fn pod_ordinal() -> Result<u64, UsageError> {
+    if let Some(index) = std::env::var("POD_INDEX").ok().filter(|v| !v.trim().is_empty()) {
+        return index.trim().parse().map_err(|_| {
+            UsageError(format!(
+                "POD_INDEX={index:?}: expected the pod's ordinal, a non-negative integer"
+            ))
+        });
+    }
+    let name =
+        pod_name().ok_or_else(|| UsageError("no --id, and neither POD_NAME nor the hostname is available".into()))?;
+    discovery::ordinal_from_pod_name(&name).map_err(|e| UsageError(e.to_string()))
 }
 
 /// POD_NAME (Kubernetes downward API), else the hostname.

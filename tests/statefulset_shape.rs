@@ -1,5 +1,5 @@
 //! The Kubernetes shape without a cluster: three `distbank branch` processes that take their
-//! ids from `POD_NAME=distbank-0..2` (StatefulSet ordinals) and find their peers through an
+//! ids from `POD_NAME=distbank-0..1` / `POD_INDEX=2` (StatefulSet ordinals) and find their peers through an
 //! address template, then `distbank replay` against them. Loopback addresses 127.0.0.{id}
 //! stand in for the pods' DNS names (same ports, different hosts, as in a cluster).
 
@@ -39,9 +39,15 @@ impl Drop for Branches {
 
 fn branch(ordinal: u64, customer_port: u16, peer_port: u16) -> Child {
     let id = ordinal + 1;
-    Command::new(env!("CARGO_BIN_EXE_distbank"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_distbank"));
+    if ordinal == 2 {
+        // The pod-index label (via POD_INDEX) wins over the pod name.
+        command.env("POD_INDEX", "2").env("POD_NAME", "renamed-pod");
+    } else {
+        command.env("POD_NAME", format!("distbank-{ordinal}"));
+    }
+    command
         .arg("branch")
-        .env("POD_NAME", format!("distbank-{ordinal}"))
         .env("DISTBANK_INPUT", input())
         .env("DISTBANK_LISTEN", format!("127.0.0.{id}:{customer_port}"))
         .env("DISTBANK_PEER_LISTEN", format!("127.0.0.{id}:{peer_port}"))
@@ -116,7 +122,12 @@ fn branches_from_pod_names_and_a_replay_against_them() {
 }
 
 fn branch_error(pod_name: &str) -> (Option<i32>, String) {
+    branch_error_with(pod_name, "")
+}
+
+fn branch_error_with(pod_name: &str, pod_index: &str) -> (Option<i32>, String) {
     let result = Command::new(env!("CARGO_BIN_EXE_distbank"))
+        .env("POD_INDEX", pod_index)
         .args([
             "branch",
             "--input",
@@ -147,4 +158,7 @@ fn clear_errors_for_pod_names_without_a_valid_ordinal() {
     let (code, stderr) = branch_error("distbank-3");
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("branch id 4") && stderr.contains("1..=3"), "{stderr}");
+    let (code, stderr) = branch_error_with("distbank-0", "first");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("POD_INDEX") && stderr.contains("first"), "{stderr}");
 }
