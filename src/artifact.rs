@@ -7,7 +7,7 @@
 //! does not fit is refused with a clear error rather than half-written.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -173,6 +173,44 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// The output stored in `config_map` (plain or gzip), as written by [`upload`].
+pub fn output_from(config_map: &ConfigMap) -> Result<String, FetchError> {
+    if let Some(text) = config_map.data.as_ref().and_then(|data| data.get(PLAIN_KEY)) {
+        return Ok(text.clone());
+    }
+    if let Some(bytes) = config_map.binary_data.as_ref().and_then(|data| data.get(GZIP_KEY)) {
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&bytes.0[..])
+            .read_to_string(&mut text)
+            .map_err(|e| FetchError::Corrupt(e.to_string()))?;
+        return Ok(text);
+    }
+    Err(FetchError::Missing)
+}
+
+/// Reads the output back from ConfigMap `name` (what `distbank fetch-output` does).
+pub async fn fetch(client: kube::Client, namespace: &str, name: &str) -> Result<String, FetchError> {
+    let api: Api<ConfigMap> = Api::namespaced(client, namespace);
+    let config_map = match api.get_opt(name).await {
+        Ok(Some(config_map)) => config_map,
+        Ok(None) => return Err(FetchError::NotFound(format!("{namespace}/{name}"))),
+        Err(error) => return Err(FetchError::Api(error_chain(&error))),
+    };
+    output_from(&config_map)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("ConfigMap {0} does not exist (yet): the replay Job has not finished, or ran in another namespace")]
+    NotFound(String),
+    #[error("the ConfigMap has neither data[\"{PLAIN_KEY}\"] nor binaryData[\"{GZIP_KEY}\"]")]
+    Missing,
+    #[error("binaryData[\"{GZIP_KEY}\"] is not valid gzip text: {0}")]
+    Corrupt(String),
+    #[error("reading the ConfigMap: {0}")]
+    Api(String),
+}
+
 /// A client from the environment (in-cluster service account, else kubeconfig) and the
 /// namespace to write to (`POD_NAMESPACE`, else the client's default namespace).
 pub async fn client_from_env() -> Result<(kube::Client, String), ArtifactError> {
@@ -188,8 +226,6 @@ pub async fn client_from_env() -> Result<(kube::Client, String), ArtifactError> 
 
 #[cfg(test)]
 mod tests {
-    use std::io::Read as _;
-
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
@@ -223,6 +259,19 @@ mod tests {
         let cm = config_map("rel-output", "ns", Payload::Gzip(bytes), BTreeMap::new());
         assert!(cm.data.is_none());
         assert!(cm.binary_data.expect("binaryData").contains_key(GZIP_KEY));
+    }
+
+    #[test]
+    fn stored_outputs_read_back() {
+        let plain = config_map("o", "ns", prepare("[1]").expect("fits"), BTreeMap::new());
+        assert_eq!(output_from(&plain).expect("plain"), "[1]");
+        let big = "[".to_string() + &"0, ".repeat(400_000) + "0]";
+        let gzipped = config_map("o", "ns", prepare(&big).expect("fits"), BTreeMap::new());
+        assert!(gzipped.data.is_none());
+        assert_eq!(output_from(&gzipped).expect("gzip"), big);
+        assert!(matches!(output_from(&ConfigMap::default()), Err(FetchError::Missing)));
+        let corrupt = config_map("o", "ns", Payload::Gzip(b"not gzip".to_vec()), BTreeMap::new());
+        assert!(matches!(output_from(&corrupt), Err(FetchError::Corrupt(_))));
     }
 
     #[test]

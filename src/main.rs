@@ -112,6 +112,18 @@ enum Command {
         #[command(flatten)]
         replay: ReplayArgs,
     },
+    /// Fetch output.json from the ConfigMap the replay Job uploaded it to (kubeconfig or
+    /// in-cluster credentials); handles both the plain and the gzip form.
+    FetchOutput {
+        /// The ConfigMap: `<release>-output`.
+        #[arg(long, env = "DISTBANK_UPLOAD_CONFIGMAP", default_value = "distbank-output")]
+        configmap: String,
+        /// Namespace (default: the kubeconfig's / service account's).
+        #[arg(short, long, env = "POD_NAMESPACE")]
+        namespace: Option<String>,
+        #[arg(short, long, env = "DISTBANK_OUTPUT", default_value = "output.json")]
+        output: PathBuf,
+    },
     /// Check that branches report SERVING over gRPC health (what `helm test` runs); exit 0 if
     /// all do within the timeout.
     HealthCheck {
@@ -306,6 +318,22 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             if let Some(name) = upload_configmap {
                 upload(&output, &name).await?;
             }
+            Ok(())
+        }
+        Command::FetchOutput {
+            configmap,
+            namespace,
+            output,
+        } => {
+            let (client, default_namespace) = distbank::artifact::client_from_env().await?;
+            let namespace = namespace.unwrap_or(default_namespace);
+            let text = distbank::artifact::fetch(client, &namespace, &configmap).await?;
+            output::write_atomic(&output, &text).with_context(|| format!("writing {}", output.display()))?;
+            println!(
+                "distbank: wrote {} ({} bytes) from ConfigMap {namespace}/{configmap}",
+                output.display(),
+                text.len()
+            );
             Ok(())
         }
         Command::HealthCheck {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::RPCOption;
+use openraft::network::{Backoff, RPCOption};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
@@ -147,6 +147,14 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
     ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
     {
         self.call(Rpc::InstallSnapshot, &rpc, &option).await
+    }
+
+    /// After an unreachable peer: 50 ms, doubling to at most 2 s. Each retry reconnects, and so
+    /// resolves the peer's DNS name again (a restarted pod comes back with a new IP).
+    fn backoff(&self) -> Backoff {
+        Backoff::new(
+            (0..).map(|attempt: u32| Duration::from_millis(50u64 << attempt.min(6)).min(Duration::from_secs(2))),
+        )
     }
 
     async fn vote(
