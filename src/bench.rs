@@ -145,24 +145,8 @@ pub fn report(name: &str, branches: usize, events: usize, runs: &[RunFigures], c
         ms(replay_median),
         events as f64 / replay_median.as_secs_f64().max(1e-9)
     );
-    let mut by_kind: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
-    for timing in runs.iter().flat_map(|r| &r.timings) {
-        by_kind
-            .entry(timing.operation.interface())
-            .or_default()
-            .push(timing.latency);
-    }
-    for (kind, mut latencies) in by_kind {
-        latencies.sort();
-        let _ = writeln!(
-            out,
-            "  {kind:<8} n={:<6} p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
-            latencies.len(),
-            ms(quantile(&latencies, 0.5)),
-            ms(quantile(&latencies, 0.99)),
-            ms(latencies.last().copied().unwrap_or_default())
-        );
-    }
+    let timings: Vec<EventTiming> = runs.iter().flat_map(|r| r.timings.iter().copied()).collect();
+    latency_lines(&mut out, &timings);
     if let Some(rss) = peak_rss_kib() {
         let _ = writeln!(
             out,
@@ -177,6 +161,212 @@ pub fn report(name: &str, branches: usize, events: usize, runs: &[RunFigures], c
             ms(cpu),
             ms(cpu) / runs.len().max(1) as f64
         );
+    }
+    out
+}
+
+/// A deterministic generated workload: `branches` branches at balance 1000 and `events` events
+/// spread over customer items of 1-10 events (deposits, withdrawals of which many overdraw,
+/// queries), customer ids cycling over the branches. The same seed gives the same input.
+pub fn generated_input(branches: u64, events: u64, seed: u64) -> Input {
+    use crate::account::Operation;
+    use crate::input::{BranchSpec, CustomerSpec, Event};
+    let mut state = seed | 1;
+    let mut next = move |bound: u64| {
+        // xorshift64*: small, deterministic, good enough to mix a workload.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d) % bound.max(1)
+    };
+    let mut customers = Vec::new();
+    let mut event_id = 1;
+    let mut customer = 0;
+    while event_id <= events {
+        let len = (1 + next(10)).min(events - event_id + 1);
+        let customer_events = (0..len)
+            .map(|_| {
+                let operation = match next(10) {
+                    0..=3 => Operation::Deposit(1 + next(100)),
+                    4..=6 => Operation::Withdraw(1 + next(400)),
+                    _ => Operation::Query,
+                };
+                let event = Event {
+                    id: event_id,
+                    operation,
+                };
+                event_id += 1;
+                event
+            })
+            .collect();
+        customers.push(CustomerSpec {
+            id: 1 + customer % branches.max(1),
+            events: customer_events,
+        });
+        customer += 1;
+    }
+    Input {
+        branches: (1..=branches.max(1))
+            .map(|id| BranchSpec { id, balance: 1000 })
+            .collect(),
+        customers,
+    }
+}
+
+/// Figures of a concurrent throughput run.
+#[derive(Debug, Clone)]
+pub struct ConcurrentFigures {
+    pub clients: usize,
+    pub branches: u64,
+    pub elapsed: Duration,
+    pub timings: Vec<EventTiming>,
+    pub errors: u64,
+}
+
+/// `clients` concurrent customers send random operations (event ids, so retries are safe) to
+/// random branches of a fresh `branches`-branch cluster for `duration`.
+pub async fn run_concurrent(
+    clients: usize,
+    branches: u64,
+    duration: Duration,
+    cluster: &ClusterOptions,
+) -> Result<ConcurrentFigures, BenchError> {
+    use crate::account::Operation;
+    use crate::input::Event;
+
+    let ids: Vec<u64> = (1..=branches.max(1)).collect();
+    let local = LocalCluster::start(&ids, 1_000_000, cluster).await?;
+    let result = async {
+        local.wait_ready(Duration::from_secs(60)).await?;
+        let addresses = Addresses::Static(
+            local
+                .customer_addrs()
+                .into_iter()
+                .map(|(id, a)| (id, format!("http://{a}")))
+                .collect(),
+        );
+        let clients_handle = BranchClients::new(&addresses, &ids, Duration::from_secs(2))?;
+        replay::wait_until_serving(&clients_handle, Duration::from_secs(10)).await?;
+        let options = ReplayOptions::default();
+        let started = Instant::now();
+        let deadline = started + duration;
+        let tasks: Vec<_> = (0..clients)
+            .map(|client| {
+                let handles = clients_handle.clone();
+                let options = options.clone();
+                let branch_count = ids.len() as u64;
+                tokio::spawn(async move {
+                    let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ (client as u64 + 1);
+                    let mut next = move |bound: u64| {
+                        state ^= state >> 12;
+                        state ^= state << 25;
+                        state ^= state >> 27;
+                        state.wrapping_mul(0x2545_f491_4f6c_dd1d) % bound.max(1)
+                    };
+                    let mut timings = Vec::new();
+                    let mut errors = 0u64;
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        let branch = 1 + next(branch_count);
+                        let Some(mut bank) = handles.bank_client(branch) else {
+                            break;
+                        };
+                        let operation = match next(10) {
+                            0..=3 => Operation::Deposit(1 + next(100)),
+                            4..=6 => Operation::Withdraw(1 + next(100)),
+                            _ => Operation::Query,
+                        };
+                        let event = Event {
+                            id: (client as u64) << 40 | n,
+                            operation,
+                        };
+                        n += 1;
+                        let sent = Instant::now();
+                        match replay::send_event(&mut bank, branch, &event, &options).await {
+                            Ok(_) => timings.push(EventTiming {
+                                operation,
+                                latency: sent.elapsed(),
+                            }),
+                            Err(_) => errors += 1,
+                        }
+                    }
+                    (timings, errors)
+                })
+            })
+            .collect();
+        let mut timings = Vec::new();
+        let mut errors = 0;
+        for task in tasks {
+            if let Ok((t, e)) = task.await {
+                timings.extend(t);
+                errors += e;
+            } else {
+                errors += 1;
+            }
+        }
+        Ok::<_, BenchError>((started.elapsed(), timings, errors))
+    }
+    .await;
+    local.shutdown().await?;
+    let (elapsed, timings, errors) = result?;
+    Ok(ConcurrentFigures {
+        clients,
+        branches,
+        elapsed,
+        timings,
+        errors,
+    })
+}
+
+/// Latency lines by operation kind.
+fn latency_lines(out: &mut String, timings: &[EventTiming]) {
+    let mut by_kind: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
+    for timing in timings {
+        by_kind
+            .entry(timing.operation.interface())
+            .or_default()
+            .push(timing.latency);
+    }
+    for (kind, mut latencies) in by_kind {
+        latencies.sort();
+        let _ = writeln!(
+            out,
+            "  {kind:<8} n={:<7} p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+            latencies.len(),
+            ms(quantile(&latencies, 0.5)),
+            ms(quantile(&latencies, 0.99)),
+            ms(latencies.last().copied().unwrap_or_default())
+        );
+    }
+}
+
+/// The report of a concurrent run.
+pub fn concurrent_report(figures: &ConcurrentFigures, cpu: Option<Duration>) -> String {
+    let mut out = String::new();
+    let ops = figures.timings.len();
+    let _ = writeln!(
+        out,
+        "bench concurrent: {} clients, {} branches, {:.1} s: {ops} operations, {:.0} ops/s, {} errors",
+        figures.clients,
+        figures.branches,
+        figures.elapsed.as_secs_f64(),
+        ops as f64 / figures.elapsed.as_secs_f64().max(1e-9),
+        figures.errors
+    );
+    latency_lines(&mut out, &figures.timings);
+    let mut all: Vec<Duration> = figures.timings.iter().map(|t| t.latency).collect();
+    all.sort();
+    let _ = writeln!(
+        out,
+        "  all      p50 {:.3} ms  p99 {:.3} ms",
+        ms(quantile(&all, 0.5)),
+        ms(quantile(&all, 0.99))
+    );
+    if let Some(rss) = peak_rss_kib() {
+        let _ = writeln!(out, "  peak RSS {:.1} MiB", rss as f64 / 1024.0);
+    }
+    if let Some(cpu) = cpu {
+        let _ = writeln!(out, "  CPU time {:.0} ms", ms(cpu));
     }
     out
 }

@@ -75,8 +75,24 @@ enum Command {
     },
     /// Time complete local runs of INPUT (start-up, replay, output, shutdown) and print
     /// wall time, events/s, latency percentiles by operation, peak RSS and CPU time.
+    #[command(group(clap::ArgGroup::new("workload").required(true).args(["input", "generate", "concurrent"])))]
     Bench {
-        input: PathBuf,
+        /// A course-format input file to replay.
+        input: Option<PathBuf>,
+        /// Instead of a file: a generated sequential workload BRANCHESxEVENTS (e.g. 20x1000;
+        /// deposits, withdrawals of which many fail, queries; fixed seed).
+        #[arg(long, env = "DISTBANK_BENCH_GENERATE", value_parser = parse_generate)]
+        generate: Option<(u64, u64)>,
+        /// Instead of a file: CLIENTS concurrent customers for --duration seconds against
+        /// --branches branches (throughput).
+        #[arg(long, env = "DISTBANK_BENCH_CONCURRENT")]
+        concurrent: Option<usize>,
+        /// Branches for --concurrent.
+        #[arg(long, env = "DISTBANK_BENCH_BRANCHES", default_value_t = 5)]
+        branches: u64,
+        /// Seconds for --concurrent.
+        #[arg(long, env = "DISTBANK_BENCH_DURATION", default_value_t = 30.0)]
+        duration: f64,
         /// How many runs (each on a fresh cluster).
         #[arg(long, env = "DISTBANK_BENCH_RUNS", default_value_t = 5)]
         runs: usize,
@@ -256,6 +272,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--generate 20x1000` → (20, 1000).
+fn parse_generate(text: &str) -> Result<(u64, u64), String> {
+    let (branches, events) = text
+        .split_once(['x', 'X'])
+        .ok_or("expected BRANCHESxEVENTS, e.g. 20x1000")?;
+    let branches: u64 = branches
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad branch count {branches:?}"))?;
+    let events: u64 = events
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad event count {events:?}"))?;
+    if branches == 0 || events == 0 {
+        return Err("branches and events must be at least 1".into());
+    }
+    Ok((branches, events))
+}
+
 /// A configuration mistake the user must fix (exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -297,11 +332,42 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Branch(args) => branch(args).await,
         Command::Bench {
             input,
+            generate,
+            concurrent,
+            branches,
+            duration,
             runs,
             expect,
             consensus,
             replay,
-        } => bench(&input, runs, expect.as_deref(), &consensus, &replay).await,
+        } => {
+            if let Some(clients) = concurrent {
+                let options = consensus.cluster_options(IpAddr::from([127, 0, 0, 1]), None);
+                let cpu_before = distbank::bench::cpu_time();
+                let figures =
+                    distbank::bench::run_concurrent(clients, branches, Duration::from_secs_f64(duration), &options)
+                        .await?;
+                let cpu = distbank::bench::cpu_time()
+                    .zip(cpu_before)
+                    .map(|(a, b)| a.saturating_sub(b));
+                print!("{}", distbank::bench::concurrent_report(&figures, cpu));
+                return Ok(());
+            }
+            let (name, input) = match (input, generate) {
+                (Some(path), _) => (
+                    path.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    distbank::input::load(&path)?,
+                ),
+                (None, Some((branches, events))) => (
+                    format!("generated {branches}x{events}"),
+                    distbank::bench::generated_input(branches, events, 42),
+                ),
+                (None, None) => bail!(UsageError("give an INPUT, --generate or --concurrent".into())),
+            };
+            bench(&name, &input, runs, expect.as_deref(), &consensus, &replay).await
+        }
         Command::Replay {
             input,
             branch_addr,
@@ -419,13 +485,13 @@ async fn run(
 
 /// `distbank bench`: repeated complete local runs, with figures.
 async fn bench(
-    input_path: &Path,
+    name: &str,
+    input: &Input,
     runs: usize,
     expect: Option<&Path>,
     consensus: &ConsensusArgs,
     replay_args: &ReplayArgs,
 ) -> anyhow::Result<()> {
-    let input = distbank::input::load(input_path)?;
     let expected = expect
         .map(|path| std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display())))
         .transpose()?;
@@ -434,7 +500,7 @@ async fn bench(
     let cpu_before = distbank::bench::cpu_time();
     let mut figures = Vec::with_capacity(runs);
     for run in 1..=runs.max(1) {
-        let figure = distbank::bench::run_once(&input, &cluster, &options).await?;
+        let figure = distbank::bench::run_once(input, &cluster, &options).await?;
         if let Some(expected) = &expected
             && figure.output.trim() != expected.trim()
         {
@@ -445,13 +511,9 @@ async fn bench(
     let cpu = distbank::bench::cpu_time()
         .zip(cpu_before)
         .map(|(after, before)| after.saturating_sub(before));
-    let name = input_path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     print!(
         "{}",
-        distbank::bench::report(&name, input.branch_ids().len(), input.event_count(), &figures, cpu)
+        distbank::bench::report(name, input.branch_ids().len(), input.event_count(), &figures, cpu)
     );
     if expected.is_some() {
         println!("  output: identical to the expected output in every run");

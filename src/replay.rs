@@ -120,6 +120,11 @@ impl BranchClients {
             .ok_or(ReplayError::Address(DiscoveryError::Unknown(branch)))
     }
 
+    /// A customer-API client for `branch`.
+    pub fn bank_client(&self, branch: u64) -> Option<BankClient<Channel>> {
+        self.channels.get(&branch).cloned().map(BankClient::new)
+    }
+
     pub fn channel(&self, branch: u64) -> Option<Channel> {
         self.channels.get(&branch).cloned()
     }
