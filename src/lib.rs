@@ -16,8 +16,8 @@
 //!   hands the operation to the branch.
 //! - [`branch`] turns it into a log entry ([`account::Command::PropagateDeposit`]), forwards it
 //!   to the leader if needed ([`service::peer`]'s `Submit`), waits for commit and for its own
-//!   replica to apply it; queries are linearizable reads (ReadIndex) or logged when they carry
-//!   an event id.
+//!   replica to apply it; queries are linearizable reads (ReadIndex, concurrent ones sharing
+//!   one round through [`coalesce`]) or logged when they carry an event id.
 //! - [`replication`] is the openraft glue: type config, in-memory log and state machine stores,
 //!   the peer network client.
 //! - [`account`] is the state machine itself, pure: balance, withdraw-fails-when-short, the
@@ -34,6 +34,7 @@ pub mod artifact;
 pub mod bench;
 pub mod branch;
 pub mod cluster;
+pub mod coalesce;
 pub mod discovery;
 pub mod input;
 pub mod output;
