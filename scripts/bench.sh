@@ -8,7 +8,7 @@
 #
 # Env: BASELINE_DIR (default ../shared/baseline), DISTBANK_PYTHON (a python with grpcio 1.64 and
 # grpcio-tools; default the test venv), BENCH_CONCURRENT_SECONDS (default 30), GHZ (path to ghz;
-# default: the cached build, if any, see scripts/ghz.sh).
+# default: built once from the Go module proxy by scripts/ghz.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
@@ -108,17 +108,20 @@ else
   step "distbank: concurrent, 64 clients, 5 branches"
   "$bin" bench --concurrent 64 --branches 5 --duration "${BENCH_CONCURRENT_SECONDS:-30}" 2>/dev/null | tee "$work/conc.txt" >&2
   rows+=("| concurrent mix, 64 clients, 5 branches | $(awk '/^bench concurrent/ {print $(NF-3), $(NF-2)}' "$work/conc.txt" | tr -d ,) | — | — | $(awk '/^  all/ {print "p50", $3, $4, "p99", $6, $7}' "$work/conc.txt") |")
-  ghz=${GHZ:-$cache-tools/ghz}
+  ghz=${GHZ:-$(scripts/ghz.sh || true)}
   if [[ -x $ghz ]]; then
     step "ghz against one branch's customer API"
     "$bin" server examples/input.json --base-port 56050 >/dev/null 2>&1 &
     server=$!
     "$bin" health-check --addr-template "127.0.0.1:5605{id}" --count 3 --timeout 60 >/dev/null 2>&1 || true
-    "$ghz" --insecure --proto ../shared/reference/seed-banks.proto --call Bank.MsgDelivery \
+    "$ghz" --insecure --proto proto/banks.proto --call Bank.MsgDelivery \
       -d '{"customer_id":1,"operation":"deposit","amount":1}' -c 64 -z 10s 127.0.0.1:56051 | tee "$work/ghz-dep.txt" >&2
-    "$ghz" --insecure --proto ../shared/reference/seed-banks.proto --call Bank.MsgDelivery \
+    "$ghz" --insecure --proto proto/banks.proto --call Bank.MsgDelivery \
       -d '{"customer_id":1,"operation":"query","amount":0}' -c 64 -z 10s 127.0.0.1:56051 | tee "$work/ghz-q.txt" >&2
     kill -TERM "$server"; wait "$server" || true
+    for kind in dep q; do
+      rows+=("| ghz, 64 connections' load on branch 1 of 3 ($([[ $kind == dep ]] && echo deposits || echo queries)) | $(awk '/Requests\/sec/ {printf "%.0f ops/s", $2}' "$work/ghz-$kind.txt") | — | — | $(awk '/ 50 % in/ {p50=$4" "$5} / 99 % in/ {p99=$4" "$5} END {print "p50", p50, "p99", p99}' "$work/ghz-$kind.txt") |")
+    done
   fi
 fi
 

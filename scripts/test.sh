@@ -26,6 +26,8 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 step "cargo test"
 cargo test --locked
+step "fuzz targets compile (running them: cargo fuzz, see docs/design.md)"
+cargo check --locked --quiet --manifest-path fuzz/Cargo.toml --bins
 step "bench smoke (debug build, tiny workloads, the original beside it: checks the bench runs, not speed)"
 scripts/bench.sh --smoke
 if [[ -x scripts/check-chart.sh ]]; then

@@ -37,6 +37,13 @@ use crate::replication::{NodeId, Raft, RaftTiming, raft_config};
 use crate::service::bank::BankService;
 use crate::service::peer::PeerService;
 
+/// Customer requests one connection may have in flight; more are refused with
+/// RESOURCE_EXHAUSTED. Below HTTP/2's default stream limit (200), so the limit is what bites.
+pub const MAX_CUSTOMER_REQUESTS_PER_CONNECTION: usize = 128;
+
+/// A customer message is three small fields; anything near this size is not a customer.
+pub const MAX_CUSTOMER_MESSAGE: usize = 16 * 1024;
+
 /// How one branch is configured.
 #[derive(Debug, Clone)]
 pub struct BranchConfig {
@@ -530,8 +537,16 @@ async fn serve(
     let peer_stop = CancellationToken::new();
     let customer_server = tokio::spawn(
         tonic::transport::Server::builder()
+            // Bounded work per connection: past the limit a request is refused at once with
+            // RESOURCE_EXHAUSTED (retryable) instead of queueing without bound.
+            .concurrency_limit_per_connection(MAX_CUSTOMER_REQUESTS_PER_CONNECTION)
+            .load_shed(true)
             .add_service(health_service)
-            .add_service(BankServer::new(BankService::new(branch.clone())))
+            .add_service(
+                BankServer::new(BankService::new(branch.clone()))
+                    .max_decoding_message_size(MAX_CUSTOMER_MESSAGE)
+                    .max_encoding_message_size(MAX_CUSTOMER_MESSAGE),
+            )
             .serve_with_incoming_shutdown(customer_incoming, customer_stop.clone().cancelled_owned()),
     );
     let peer_server = tokio::spawn(

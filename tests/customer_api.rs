@@ -187,3 +187,58 @@ async fn health_is_not_serving_before_the_cluster_has_formed() {
     shutdown.cancel();
     running.join().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_per_connection_limit_get_resource_exhausted() {
+    // A branch without quorum holds every write until its request timeout, so requests pile up
+    // on one connection; those past the limit must be refused at once, not queued.
+    use distbank::branch::{self, BranchConfig, MAX_CUSTOMER_REQUESTS_PER_CONNECTION};
+    let customer = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = customer.local_addr().expect("addr");
+    let config = BranchConfig {
+        id: 1,
+        initial_balance: 0,
+        members: [
+            (1, peer.local_addr().expect("addr").to_string()),
+            (2, "127.0.0.1:1".into()),
+            (3, "127.0.0.1:1".into()),
+        ]
+        .into_iter()
+        .collect(),
+        voters: 3,
+        timing: Default::default(),
+        request_timeout: Duration::from_secs(300),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = branch::start(config, customer, peer, shutdown.clone())
+        .await
+        .expect("starts");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect_lazy();
+    let total = MAX_CUSTOMER_REQUESTS_PER_CONNECTION + 40;
+    let (results, mut refused) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let mut bank = distbank::proto::bank::bank_client::BankClient::new(channel.clone());
+        let results = results.clone();
+        tasks.spawn(async move {
+            let outcome = support::call(&mut bank, Some(i as u64 + 1), "deposit", 1).await;
+            let _ = results.send(outcome.map(|_| ()).map_err(|status| status.code()));
+        });
+    }
+    // Exactly the excess is refused, and quickly (the admitted ones wait for 300 s).
+    let excess = total - MAX_CUSTOMER_REQUESTS_PER_CONNECTION;
+    for n in 0..excess {
+        let result = tokio::time::timeout(Duration::from_secs(60), refused.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {n} of {excess} excess requests were refused"))
+            .expect("senders alive");
+        assert_eq!(result, Err(Code::ResourceExhausted));
+    }
+    assert!(refused.try_recv().is_err(), "more than the excess was refused");
+    shutdown.cancel();
+    tasks.abort_all();
+    running.join().await.expect("clean shutdown");
+}
