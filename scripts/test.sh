@@ -26,9 +26,8 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 step "cargo test"
 cargo test --locked
-step "bench smoke (debug build: checks the bench runs and agrees with the reference, not speed)"
-cargo run --locked --quiet -- bench tests/fixtures/course_50_input.json --runs 1 \
-  --expect tests/fixtures/course_50_output.json
+step "bench smoke (debug build, tiny workloads, the original beside it: checks the bench runs, not speed)"
+scripts/bench.sh --smoke
 if [[ -x scripts/check-chart.sh ]]; then
   step "Helm chart and manifests"
   scripts/check-chart.sh

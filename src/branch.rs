@@ -24,7 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use std::future::Future;
+use std::pin::Pin;
+
 use crate::account::{Command, Operation, Outcome};
+use crate::coalesce::Coalescer;
 use crate::proto;
 use crate::proto::bank::bank_server::BankServer;
 use crate::proto::peer::peer_server::PeerServer;
@@ -101,6 +105,10 @@ struct Inner {
     request_timeout: Duration,
     /// Answers given to queries, by event id (this branch's own; queries are not replicated).
     queries: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+    /// Concurrent queries on this branch share read-index requests...
+    read_indexes: Coalescer<Result<Option<u64>, String>>,
+    /// ...and, when this branch leads, quorum rounds (its own queries and followers' requests).
+    leader_read_indexes: Coalescer<Result<Option<u64>, String>>,
 }
 
 /// The leader's answer to a forwarded write.
@@ -257,8 +265,17 @@ impl Branch {
         Ok(self.inner.state.query())
     }
 
-    /// Asks the leader (possibly this branch) for the index a linearizable read must wait for.
+    /// The index a linearizable read must wait for (one shared round for concurrent readers).
     async fn read_index(&self, deadline: Instant) -> Result<Option<u64>, BranchError> {
+        match tokio::time::timeout_at(deadline, self.inner.read_indexes.run()).await {
+            Ok(Some(result)) => result.map_err(|e| BranchError::Unavailable(format!("no read index: {e}"))),
+            Ok(None) => Err(BranchError::ShuttingDown),
+            Err(_) => Err(BranchError::Unavailable("no read index in time".into())),
+        }
+    }
+
+    /// Asks the leader (possibly this branch) for the index a linearizable read must wait for.
+    async fn read_index_round(&self, deadline: Instant) -> Result<Option<u64>, String> {
         let mut metrics = self.inner.raft.metrics();
         let mut last_error = "no leader elected yet".to_string();
         loop {
@@ -283,11 +300,20 @@ impl Branch {
             let backoff = Instant::now() + Duration::from_millis(20);
             let _ = tokio::time::timeout_at(backoff.min(deadline), metrics.changed()).await;
         }
-        Err(BranchError::Unavailable(format!("no read index: {last_error}")))
+        Err(last_error)
     }
 
-    /// ReadIndex on the leader: confirms leadership with a quorum round.
+    /// ReadIndex on the leader: confirms leadership with a quorum round, shared by the reads
+    /// that arrive together.
     pub(crate) async fn local_read_index(&self) -> Result<Option<u64>, String> {
+        self.inner
+            .leader_read_indexes
+            .run()
+            .await
+            .unwrap_or_else(|| Err("the branch is shutting down".into()))
+    }
+
+    async fn leader_read_index_round(&self) -> Result<Option<u64>, String> {
         match self.inner.raft.get_read_log_id().await {
             Ok((read_log_id, _applied)) => Ok(read_log_id.map(|id| id.index)),
             Err(e) => Err(e.to_string()),
@@ -431,13 +457,35 @@ pub async fn start(
     .await
     .map_err(|e| BranchError::Start(e.to_string()))?;
     let branch = Branch {
-        inner: Arc::new(Inner {
-            id: config.id,
-            raft,
-            state,
-            peers,
-            request_timeout: config.request_timeout,
-            queries: Default::default(),
+        inner: Arc::new_cyclic(|inner: &std::sync::Weak<Inner>| {
+            // The rounds hold a weak handle: the coalescers' tasks end with the branch.
+            let round = |leader_side: bool| {
+                let inner = inner.clone();
+                move || -> Pin<Box<dyn Future<Output = Result<Option<u64>, String>> + Send>> {
+                    let inner = inner.upgrade();
+                    Box::pin(async move {
+                        let branch = Branch {
+                            inner: inner.ok_or("the branch is shutting down")?,
+                        };
+                        if leader_side {
+                            branch.leader_read_index_round().await
+                        } else {
+                            let deadline = Instant::now() + branch.inner.request_timeout;
+                            branch.read_index_round(deadline).await
+                        }
+                    })
+                }
+            };
+            Inner {
+                id: config.id,
+                raft,
+                state,
+                peers,
+                request_timeout: config.request_timeout,
+                queries: Default::default(),
+                read_indexes: Coalescer::new(round(false)),
+                leader_read_indexes: Coalescer::new(round(true)),
+            }
         }),
     };
 

@@ -16,8 +16,8 @@
 //!   hands the operation to the branch.
 //! - [`branch`] turns it into a log entry ([`account::Command::PropagateDeposit`]), forwards it
 //!   to the leader if needed ([`service::peer`]'s `Submit`), waits for commit and for its own
-//!   replica to apply it; queries are linearizable reads (ReadIndex) or logged when they carry
-//!   an event id.
+//!   replica to apply it; queries are linearizable reads (ReadIndex, concurrent ones sharing
+//!   one round through [`coalesce`]) or logged when they carry an event id.
 //! - [`replication`] is the openraft glue: type config, the log and state machine stores (in
 //!   memory, or backed by a data directory with `distbank branch --data-dir`:
 //!   [`replication::disk`] is the checksummed on-disk format), the peer network client.
@@ -35,6 +35,7 @@ pub mod artifact;
 pub mod bench;
 pub mod branch;
 pub mod cluster;
+pub mod coalesce;
 pub mod discovery;
 pub mod input;
 pub mod output;

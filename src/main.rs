@@ -93,6 +93,9 @@ enum Command {
         /// Seconds for --concurrent.
         #[arg(long, env = "DISTBANK_BENCH_DURATION", default_value_t = 30.0)]
         duration: f64,
+        /// Also write the generated input (course format) here, e.g. to run the original on it.
+        #[arg(long, env = "DISTBANK_BENCH_SAVE_INPUT", requires = "generate")]
+        save_input: Option<PathBuf>,
         /// How many runs (each on a fresh cluster).
         #[arg(long, env = "DISTBANK_BENCH_RUNS", default_value_t = 5)]
         runs: usize,
@@ -338,6 +341,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Bench {
             input,
             generate,
+            save_input,
             concurrent,
             branches,
             duration,
@@ -371,6 +375,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 ),
                 (None, None) => bail!(UsageError("give an INPUT, --generate or --concurrent".into())),
             };
+            if let Some(path) = &save_input {
+                distbank::output::write_atomic(path, &distbank::bench::input_json(&input))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             bench(&name, &input, runs, expect.as_deref(), &consensus, &replay).await
         }
         Command::Replay {

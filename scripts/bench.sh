@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# The benchmark suite (performance issue): distbank's workloads and, in the same invocation, the
+# original Python implementation (../shared/baseline, rebuilt) on the same inputs, with ratios.
+#
+#   scripts/bench.sh            full suite, release build (~5 min); prints a markdown table
+#   scripts/bench.sh --smoke    seconds, debug build: every workload kind once, tiny, so the bench
+#                               code paths cannot rot (the README's test command runs this)
+#
+# Env: BASELINE_DIR (default ../shared/baseline), DISTBANK_PYTHON (a python with grpcio 1.64 and
+# grpcio-tools; default the test venv), BENCH_CONCURRENT_SECONDS (default 30), GHZ (path to ghz;
+# default: the cached build, if any, see scripts/ghz.sh).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$PWD
+
+smoke=0
+[[ ${1:-} == --smoke ]] && smoke=1
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/distbank"
+python="${DISTBANK_PYTHON:-$cache/venv/bin/python}"
+baseline="${BASELINE_DIR:-$root/../shared/baseline}"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+if ((smoke)); then
+  cargo build --locked --quiet
+  bin=$root/target/debug/distbank
+else
+  cargo build --locked --release --quiet
+  bin=$root/target/release/distbank
+fi
+export RUST_LOG=error
+
+rows=()  # markdown table rows: workload | distbank | original | ratio
+median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) exit 1; print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+# distbank bench on one workload; echoes the report and leaves the median total (s) in $ours.
+ours_bench() { # name args...
+  local name=$1; shift
+  step "distbank: $name"
+  "$bin" bench "$@" 2>/dev/null | tee "$work/ours.txt" >&2
+  ours=$(awk '/^  total: median/ {gsub("ms,","",$3); printf "%.3f", $3/1000}' "$work/ours.txt")
+  ours_rss=$(awk '/peak RSS/ {print $3}' "$work/ours.txt")
+}
+
+# The original on INPUT, RUNS times (SEED_SLEEP=0: its 3 s pause between customers removed);
+# leaves the median wall time (s) in $theirs and the peak tree RSS/PSS (MiB) in $theirs_mem.
+theirs=""
+theirs_bench() { # input runs [expected-output]
+  local input=$1 runs=$2 expected=${3:-} times=() line
+  theirs="" theirs_mem=""
+  if [[ ! -x $baseline/run.sh ]] || ! "$python" -c 'import grpc, grpc_tools' 2>/dev/null; then
+    step "original: skipped (no $baseline/run.sh or no python with grpcio at $python)"
+    return 0
+  fi
+  for ((i = 1; i <= runs; i++)); do
+    step "original: $(basename "$input") run $i/$runs"
+    rm -f "$work/output.json"
+    line=$(cd "$work" && SEED_PY=$python SEED_SLEEP=0 python3 "$root/scripts/bench/measure_tree.py" -- \
+      "$baseline/run.sh" all "$input" | tail -n1)
+    echo "  $line" >&2
+    times+=("$(sed -E 's/.*wall_s=([0-9.]+).*/\1/' <<<"$line")")
+    theirs_mem="$(sed -E 's/.*peak_rss_mib=([0-9.]+) peak_pss_mib=([0-9.]+).*/\1 MiB RSS, \2 MiB PSS/' <<<"$line")"
+    if [[ -n $expected ]]; then
+      if cmp -s <(python3 -m json.tool "$work/output.json") <(python3 -m json.tool "$expected"); then
+        echo "  original's output: same as distbank's" >&2
+      else
+        echo "  original's output: DIFFERS from distbank's" >&2
+      fi
+    fi
+  done
+  theirs=$(printf '%s\n' "${times[@]}" | median)
+}
+
+row() { # workload ours theirs extra
+  local ratio="—"
+  [[ -n $3 && -n $2 ]] && ratio=$(awk -v a="$3" -v b="$2" 'BEGIN {printf "%.0f×", a / b}')
+  rows+=("| $1 | ${2:+$2 s} | ${3:+$3 s} | $ratio | $4 |")
+}
+
+if ((smoke)); then
+  ours_bench "spec example" examples/input.json --runs 1
+  "$bin" run examples/input.json -o "$work/expected.json" >/dev/null 2>&1
+  theirs_bench "$root/examples/input.json" 1 "$work/expected.json"
+  row "spec example (3 branches)" "$ours" "$theirs" "RSS ours ${ours_rss} MiB, original ${theirs_mem:-—}"
+  ours_bench "course 50" tests/fixtures/course_50_input.json --runs 1 --expect tests/fixtures/course_50_output.json
+  row "course 50 branches" "$ours" "" ""
+  ours_bench "generated" --generate 5x60 --runs 1
+  step "distbank: concurrent (smoke)"
+  "$bin" bench --concurrent 8 --branches 3 --duration 1 >&2 2>/dev/null
+else
+  ours_bench "course 50" tests/fixtures/course_50_input.json --runs 5 --expect tests/fixtures/course_50_output.json
+  theirs_bench "$root/tests/fixtures/course_50_input.json" 3 "$root/tests/fixtures/course_50_output.json"
+  row "course two-round input, 50 branches, 200 events" "$ours" "$theirs" \
+    "peak RSS: ours ${ours_rss} MiB, original ${theirs_mem:-—}"
+  ours_bench "course 100" tests/fixtures/course_100_input.json --runs 3 --expect tests/fixtures/course_100_output.json
+  theirs_bench "$root/tests/fixtures/course_100_input.json" 1 "$root/tests/fixtures/course_100_output.json"
+  row "course input, 100 branches, 200 events" "$ours" "$theirs" \
+    "peak RSS: ours ${ours_rss} MiB, original ${theirs_mem:-—}"
+  ours_bench "generated 20x1000" --generate 20x1000 --runs 3 --save-input "$work/gen20.json"
+  "$bin" run "$work/gen20.json" -o "$work/gen20-out.json" >/dev/null 2>&1
+  theirs_bench "$work/gen20.json" 1 "$work/gen20-out.json"
+  row "generated, 20 branches, 1000 events" "$ours" "$theirs" \
+    "peak RSS: ours ${ours_rss} MiB, original ${theirs_mem:-—}"
+  ours_bench "generated 200x2000" --generate 200x2000 --runs 1
+  row "generated, 200 branches, 2000 events" "$ours" "" "peak RSS: ours ${ours_rss} MiB"
+  step "distbank: concurrent, 64 clients, 5 branches"
+  "$bin" bench --concurrent 64 --branches 5 --duration "${BENCH_CONCURRENT_SECONDS:-30}" 2>/dev/null | tee "$work/conc.txt" >&2
+  rows+=("| concurrent mix, 64 clients, 5 branches | $(awk '/^bench concurrent/ {print $(NF-3), $(NF-2)}' "$work/conc.txt" | tr -d ,) | — | — | $(awk '/^  all/ {print "p50", $3, $4, "p99", $6, $7}' "$work/conc.txt") |")
+  ghz=${GHZ:-$cache-tools/ghz}
+  if [[ -x $ghz ]]; then
+    step "ghz against one branch's customer API"
+    "$bin" server examples/input.json --base-port 56050 >/dev/null 2>&1 &
+    server=$!
+    "$bin" health-check --addr-template "127.0.0.1:5605{id}" --count 3 --timeout 60 >/dev/null 2>&1 || true
+    "$ghz" --insecure --proto ../shared/reference/seed-banks.proto --call Bank.MsgDelivery \
+      -d '{"customer_id":1,"operation":"deposit","amount":1}' -c 64 -z 10s 127.0.0.1:56051 | tee "$work/ghz-dep.txt" >&2
+    "$ghz" --insecure --proto ../shared/reference/seed-banks.proto --call Bank.MsgDelivery \
+      -d '{"customer_id":1,"operation":"query","amount":0}' -c 64 -z 10s 127.0.0.1:56051 | tee "$work/ghz-q.txt" >&2
+    kill -TERM "$server"; wait "$server" || true
+  fi
+fi
+
+printf '\n| workload | distbank (median total) | original, no sleeps (median) | ratio | notes |\n|---|---|---|---|---|\n'
+printf '%s\n' "${rows[@]}"
