@@ -11,6 +11,7 @@
 //!   on the branch that gave it, so a retried or re-run query gets the same answer.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,8 +32,9 @@ use crate::coalesce::Coalescer;
 use crate::proto;
 use crate::proto::bank::bank_server::BankServer;
 use crate::proto::peer::peer_server::PeerServer;
+use crate::replication::disk::StoreError;
 use crate::replication::network::{MAX_PEER_MESSAGE, PeerChannels};
-use crate::replication::store::{LogStore, StateMachine};
+use crate::replication::store::{StateMachine, Storage};
 use crate::replication::{NodeId, Raft, RaftTiming, raft_config};
 use crate::service::bank::BankService;
 use crate::service::peer::PeerService;
@@ -58,6 +60,8 @@ pub struct BranchConfig {
     pub timing: RaftTiming,
     /// How long a customer request may wait for consensus before it fails with UNAVAILABLE.
     pub request_timeout: Duration,
+    /// Where the consensus state is kept across restarts; `None` = in memory only.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl BranchConfig {
@@ -74,6 +78,8 @@ pub enum BranchError {
     NotAMember { id: NodeId, members: String },
     #[error("invalid Raft configuration: {0}")]
     Config(#[from] openraft::ConfigError),
+    #[error("data directory: {0}")]
+    Storage(#[from] StoreError),
     #[error("Raft failed to start: {0}")]
     Start(String),
     #[error("cannot listen on {what}: {source}")]
@@ -437,14 +443,23 @@ pub async fn start(
         source,
     })?;
 
-    let state = StateMachine::new(config.initial_balance);
-    let peers = PeerChannels::new(Duration::from_secs(2));
+    let storage = match &config.data_dir {
+        None => Storage::in_memory(config.initial_balance),
+        Some(dir) => {
+            let (dir, id, balance) = (dir.clone(), config.id, config.initial_balance);
+            tokio::task::spawn_blocking(move || Storage::open(&dir, id, balance))
+                .await
+                .map_err(|e| BranchError::Start(format!("opening the data directory: {e}")))??
+        }
+    };
+    let state = storage.state.clone();
+    let peers = PeerChannels::new(Duration::from_secs(2), config.members.clone());
     let raft = Raft::new(
         config.id,
         Arc::new(raft_config(config.timing)?),
         peers.clone(),
-        LogStore::default(),
-        state.clone(),
+        storage.log,
+        storage.state,
     )
     .await
     .map_err(|e| BranchError::Start(e.to_string()))?;

@@ -97,6 +97,7 @@ impl LocalCluster {
                 voters: options.voters,
                 timing: options.timing,
                 request_timeout: options.request_timeout,
+                data_dir: None,
             };
             let running = branch::start(config, customer, peer, shutdown.child_token())
                 .await

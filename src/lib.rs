@@ -18,8 +18,9 @@
 //!   to the leader if needed ([`service::peer`]'s `Submit`), waits for commit and for its own
 //!   replica to apply it; queries are linearizable reads (ReadIndex, concurrent ones sharing
 //!   one round through [`coalesce`]) or logged when they carry an event id.
-//! - [`replication`] is the openraft glue: type config, in-memory log and state machine stores,
-//!   the peer network client.
+//! - [`replication`] is the openraft glue: type config, the log and state machine stores (in
+//!   memory, or backed by a data directory with `distbank branch --data-dir`:
+//!   [`replication::disk`] is the checksummed on-disk format), the peer network client.
 //! - [`account`] is the state machine itself, pure: balance, withdraw-fails-when-short, the
 //!   event-id → result table.
 //! - [`output`] writes the course-format output.json atomically.

@@ -211,6 +211,11 @@ struct BranchArgs {
     /// distbank-{ordinal}.distbank-headless.default.svc.cluster.local:50052
     #[arg(long, env = "DISTBANK_PEER_TEMPLATE")]
     peer_template: Option<String>,
+    /// Keep the consensus state (vote, log, snapshots) in this directory, synced to disk before
+    /// anything is acknowledged, and recover from it on restart. Without it the branch keeps
+    /// everything in memory and rejoins empty after a restart.
+    #[arg(long, env = "DISTBANK_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     #[command(flatten)]
     consensus: ConsensusArgs,
 }
@@ -602,8 +607,15 @@ async fn branch(args: BranchArgs) -> anyhow::Result<()> {
         voters: args.consensus.voters,
         timing: args.consensus.timing(),
         request_timeout: Duration::from_secs(args.consensus.request_timeout),
+        data_dir: args.data_dir.clone(),
     };
-    tracing::info!(branch = id, listen = %args.listen, peer_listen = %args.peer_listen, "starting branch");
+    tracing::info!(
+        branch = id,
+        listen = %args.listen,
+        peer_listen = %args.peer_listen,
+        data_dir = ?args.data_dir,
+        "starting branch"
+    );
     let shutdown = CancellationToken::new();
     let running = distbank::branch::start(config, customer, peer, shutdown.clone()).await?;
     shutdown_signal().await;

@@ -163,6 +163,7 @@ async fn health_is_not_serving_before_the_cluster_has_formed() {
         voters: 3,
         timing: Default::default(),
         request_timeout: Duration::from_millis(300),
+        data_dir: None,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let running = branch::start(config, customer, peer, shutdown.clone())

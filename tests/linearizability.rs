@@ -34,17 +34,7 @@ async fn client(
         let branch = rng.random_range(1..=branches);
         let mut bank = support::bank_client(&clients, branch);
         let event_id = (index * 1_000_000 + n) as u64;
-        let (op, name, amount) = match rng.random_range(0..10) {
-            0..=2 => {
-                let a = rng.random_range(1..=40u64);
-                (Op::Deposit(a), "deposit", a)
-            }
-            3..=6 => {
-                let a = rng.random_range(1..=60u64);
-                (Op::Withdraw(a), "withdraw", a)
-            }
-            _ => (Op::Query, "query", 0),
-        };
+        let (op, name, amount) = linearizability::random_op(&mut rng);
         let id = if op == Op::Query && rng.random_range(0..5) == 0 {
             None
         } else {
@@ -104,14 +94,7 @@ async fn concurrent_history_is_linearizable(branches: u64, voters: usize, seed: 
     }
 
     // The account rules over the whole run: replicas end at initial + deposits - withdrawals.
-    let mut expected = INITIAL as i64;
-    for call in &history {
-        match (call.op, call.ret) {
-            (Op::Deposit(a), Ret::Success) => expected += a as i64,
-            (Op::Withdraw(a), Ret::Success) => expected -= a as i64,
-            _ => {}
-        }
-    }
+    let expected = INITIAL as i64 + history.iter().map(linearizability::effect).sum::<i64>();
     assert!(expected >= 0, "more withdrawn than ever held: {expected}");
     let successes = history.iter().filter(|c| c.ret == Ret::Success).count();
     let failures = history.iter().filter(|c| c.ret == Ret::Fail).count();

@@ -3,7 +3,7 @@
 //! Channels resolve the peer's address again on every reconnect, so a restarted peer with a
 //! new IP behind the same DNS name is found without help.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,19 +30,26 @@ pub const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
 #[derive(Debug, Clone, Default)]
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
+    /// This branch's own configured peer addresses. They win over the address recorded in the
+    /// replicated membership, which was written by whichever branch added the member and, with
+    /// a data directory, outlives configuration changes (a renamed Service, a new port).
+    configured: Arc<BTreeMap<NodeId, String>>,
     connect_timeout: Duration,
 }
 
 impl PeerChannels {
-    pub fn new(connect_timeout: Duration) -> PeerChannels {
+    pub fn new(connect_timeout: Duration, configured: BTreeMap<NodeId, String>) -> PeerChannels {
         PeerChannels {
             channels: Arc::default(),
+            configured: Arc::new(configured),
             connect_timeout,
         }
     }
 
-    /// The peer client for `target` at `addr` (host:port), creating the channel on first use.
+    /// The peer client for `target`: at its configured address if it has one, else at `addr`
+    /// (host:port) from the membership; the channel is created on first use.
     pub fn client(&self, target: NodeId, addr: &str) -> Result<PeerClient<Channel>, tonic::transport::Error> {
+        let addr = self.configured.get(&target).map_or(addr, String::as_str);
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let channel = match channels.get(&target) {
             Some((known, channel)) if known == addr => channel.clone(),

@@ -1,12 +1,17 @@
-//! In-memory Raft log and state machine (openraft storage v2).
+//! Raft log and state machine (openraft storage v2), in memory or backed by a data directory.
 //!
-//! Durability across process restarts is not provided here: a restarted branch rejoins empty
-//! and is brought up to date by the leader (log or snapshot). See `docs/design.md`.
+//! Both keep their working state in memory. With a data directory ([`Storage::open`]) every
+//! change to the log store is also appended to the directory's log file, synced before openraft
+//! is told it is stored, and every snapshot is written to disk before openraft may purge the
+//! log it covers; a restarted branch rebuilds the log from the file and the state machine from
+//! the snapshot, and openraft re-applies the committed entries after it. Without one (local
+//! clusters, `distbank run`) a restarted branch rejoins empty and is brought up to date by the
+//! leader. File format and damage handling: [`super::disk`].
 
-use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
@@ -16,6 +21,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::disk::{DataDir, LogState as LogData, Record, SnapshotStore, StoreError};
 use super::{NodeId, TypeConfig, codec};
 use crate::account::{Account, Applied, Outcome};
 
@@ -27,18 +33,111 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-#[derive(Debug, Default)]
-struct LogData {
-    vote: Option<Vote<NodeId>>,
-    committed: Option<LogId<NodeId>>,
-    last_purged: Option<LogId<NodeId>>,
-    entries: BTreeMap<u64, Entry<TypeConfig>>,
+/// A branch's storage: the log store and the state machine openraft is started with.
+#[derive(Debug)]
+pub struct Storage {
+    pub log: LogStore,
+    pub state: StateMachine,
+}
+
+impl Storage {
+    /// Storage that lives and dies with the process.
+    pub fn in_memory(initial_balance: u64) -> Storage {
+        Storage {
+            log: LogStore::default(),
+            state: StateMachine::new(initial_balance),
+        }
+    }
+
+    /// Opens (or creates) branch `node_id`'s data directory and recovers what it holds.
+    /// Blocking file I/O: call it at start-up.
+    pub fn open(dir: &Path, node_id: NodeId, initial_balance: u64) -> Result<Storage, StoreError> {
+        let (data, recovered) = DataDir::open(dir, node_id)?;
+        let snapshots = data.snapshot_store(recovered.snapshot.as_ref().and_then(|(meta, _)| meta.last_log_id));
+        let mut machine = MachineData {
+            state: MachineState {
+                account: Account::new(initial_balance),
+                ..Default::default()
+            },
+            snapshot: None,
+            snapshot_seq: 0,
+        };
+        if let Some((meta, bytes)) = recovered.snapshot {
+            machine.state = codec::decode(&bytes).map_err(|e| StoreError::Corrupt {
+                path: snapshots.path().to_path_buf(),
+                offset: 0,
+                reason: format!("undecodable state-machine state: {e}"),
+            })?;
+            machine.snapshot = Some(StoredSnapshot { meta, data: bytes });
+        }
+        let log = &recovered.log;
+        tracing::info!(
+            dir = %dir.display(),
+            vote = ?log.vote,
+            entries = log.entries.len(),
+            last_index = log.entries.keys().next_back(),
+            committed = log.committed.map(|id| id.index),
+            snapshot_index = machine.state.last_applied.map(|id| id.index),
+            torn_tail_bytes = recovered.torn.map(|torn| torn.bytes),
+            "recovered consensus state from the data directory"
+        );
+        Ok(Storage {
+            log: LogStore {
+                inner: Arc::new(Mutex::new(recovered.log)),
+                disk: Some(Arc::new(Mutex::new(data))),
+            },
+            state: StateMachine {
+                inner: Arc::new(Mutex::new(machine)),
+                snapshots: Some(snapshots),
+            },
+        })
+    }
 }
 
 /// The Raft log. Cheap to clone: clones share the same log (openraft reads through a clone).
 #[derive(Debug, Clone, Default)]
 pub struct LogStore {
     inner: Arc<Mutex<LogData>>,
+    /// The data directory, when the log is durable.
+    disk: Option<Arc<Mutex<DataDir>>>,
+}
+
+impl LogStore {
+    /// Records `record` on disk (synced when `sync`) and then in memory. File I/O runs on
+    /// tokio's blocking pool so a slow fsync does not stall other tasks.
+    async fn change(&self, record: Record, sync: bool) -> Result<(), StoreError> {
+        if let Some(disk) = &self.disk {
+            let disk = disk.clone();
+            let inner = self.inner.clone();
+            let compact = matches!(record, Record::Purge(_));
+            let copy = record.clone();
+            run_blocking(move || {
+                let mut disk = lock(&disk);
+                disk.append(std::slice::from_ref(&copy), sync)?;
+                if compact && disk.wants_compaction() {
+                    let mut log = lock(&inner);
+                    log.apply(copy);
+                    return disk.compact(&log);
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        lock(&self.inner).apply(record);
+        Ok(())
+    }
+}
+
+async fn run_blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        Err(StoreError::Io {
+            path: Default::default(),
+            action: "finish a storage task",
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -68,17 +167,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        lock(&self.inner).vote = Some(*vote);
-        Ok(())
+        self.change(Record::Vote(*vote), true)
+            .await
+            .map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
         Ok(lock(&self.inner).vote)
     }
 
+    /// Not synced on its own: the committed index only saves work at start-up (a branch that
+    /// lost it learns it again from the leader); the next synced record makes it durable.
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
-        lock(&self.inner).committed = committed;
-        Ok(())
+        self.change(Record::Committed(committed), false)
+            .await
+            .map_err(|e| StorageIOError::write(&e).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
@@ -90,28 +193,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        {
-            let mut log = lock(&self.inner);
-            for entry in entries {
-                log.entries.insert(entry.log_id.index, entry);
-            }
-        }
-        // In memory, "durable" means stored: report completion right away.
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        self.change(Record::Entries(entries), true)
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        // Synced (or, in memory, stored): openraft may now count this branch's copy.
         callback.log_io_completed(Ok(()));
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        lock(&self.inner).entries.split_off(&log_id.index);
-        Ok(())
+        self.change(Record::Truncate { from: log_id.index }, true)
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let mut log = lock(&self.inner);
-        log.last_purged = Some(log_id);
-        let keep = log.entries.split_off(&(log_id.index + 1));
-        log.entries = keep;
-        Ok(())
+        self.change(Record::Purge(log_id), true)
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 }
 
@@ -141,6 +241,8 @@ struct MachineData {
 #[derive(Debug, Clone)]
 pub struct StateMachine {
     inner: Arc<Mutex<MachineData>>,
+    /// Where snapshots are persisted, when the branch has a data directory.
+    snapshots: Option<SnapshotStore>,
 }
 
 impl StateMachine {
@@ -154,7 +256,24 @@ impl StateMachine {
                 snapshot: None,
                 snapshot_seq: 0,
             })),
+            snapshots: None,
         }
+    }
+
+    /// Writes a snapshot to the data directory (if any) before openraft relies on it.
+    async fn persist(
+        &self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        data: &[u8],
+    ) -> Result<(), StorageError<NodeId>> {
+        let Some(store) = self.snapshots.clone() else {
+            return Ok(());
+        };
+        let (meta, data) = (meta.clone(), data.to_vec());
+        let signature = meta.signature();
+        run_blocking(move || store.save(&meta, &data))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(signature), &e).into())
     }
 
     /// The local replica's balance right now (not by itself linearizable: see `branch`).
@@ -198,13 +317,17 @@ fn snapshot_of(data: &mut MachineData) -> Result<StoredSnapshot, StorageError<No
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let mut data = lock(&self.inner);
-        let snapshot = snapshot_of(&mut data)?;
+        let snapshot = snapshot_of(&mut lock(&self.inner))?;
+        // On disk before openraft sees it: it purges the log the snapshot covers right after.
+        self.persist(&snapshot.meta, &snapshot.data).await?;
         let result = Snapshot {
             meta: snapshot.meta.clone(),
             snapshot: Box::new(Cursor::new(snapshot.data.clone())),
         };
-        data.snapshot = Some(snapshot);
+        let mut data = lock(&self.inner);
+        if data.snapshot.as_ref().map(|s| s.meta.last_log_id) <= Some(snapshot.meta.last_log_id) {
+            data.snapshot = Some(snapshot);
+        }
         Ok(result)
     }
 }
@@ -262,6 +385,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let bytes = snapshot.into_inner();
         let state: MachineState =
             codec::decode(&bytes).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        self.persist(meta, &bytes).await?;
         let mut data = lock(&self.inner);
         data.state = state;
         data.snapshot = Some(StoredSnapshot {

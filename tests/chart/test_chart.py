@@ -169,6 +169,49 @@ def test_statefulset_shape(default_docs):
     assert sts["metadata"]["namespace"] == NAMESPACE
 
 
+# --- persistence -----------------------------------------------------------------------------------
+
+def test_pvc_per_branch_by_default(default_docs):
+    sts = one(default_docs, "StatefulSet", FULLNAME)
+    spec = sts["spec"]
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    (claim,) = spec["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert "storageClassName" not in claim["spec"], "empty storageClass = the cluster default"
+    container = spec["template"]["spec"]["containers"][0]
+    assert arg_value(container, "--data-dir") == "/var/lib/distbank"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["data"] == "/var/lib/distbank"
+    assert "data" not in {v["name"] for v in spec["template"]["spec"]["volumes"]}
+
+
+def test_persistence_values():
+    docs = render("--set", "persistence.retentionPolicy.whenDeleted=Delete", "--set", "persistence.storageClass=fast",
+                  "--set", "persistence.size=5Gi")
+    spec = one(docs, "StatefulSet", FULLNAME)["spec"]
+    assert spec["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Delete"
+    assert spec["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast"
+    assert spec["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    spec = one(render("--set", "persistence.storageClass=-"), "StatefulSet", FULLNAME)["spec"]
+    assert spec["volumeClaimTemplates"][0]["spec"]["storageClassName"] == ""
+
+
+def test_persistence_empty_dir_and_off():
+    spec = one(render("--set", "persistence.type=emptyDir"), "StatefulSet", FULLNAME)["spec"]
+    assert "volumeClaimTemplates" not in spec and "persistentVolumeClaimRetentionPolicy" not in spec
+    volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+    assert volumes["data"]["emptyDir"] == {"sizeLimit": "256Mi"}
+    assert arg_value(spec["template"]["spec"]["containers"][0], "--data-dir") == "/var/lib/distbank"
+
+    spec = one(render("--set", "persistence.enabled=false"), "StatefulSet", FULLNAME)["spec"]
+    container = spec["template"]["spec"]["containers"][0]
+    assert not any(a.startswith("--data-dir") for a in container["args"])
+    assert "data" not in {m["name"] for m in container["volumeMounts"]}
+    assert "volumeClaimTemplates" not in spec
+
+
 def test_services(default_docs):
     headless = one(default_docs, "Service", HEADLESS)
     assert headless["spec"]["clusterIP"] == "None"
@@ -436,6 +479,8 @@ def test_schema_rejects_bad_values():
         (("--set", "branch.ports.grpc=0"), r"/branch/ports/grpc"),
         (("--set", "branch.replicas=5"), r"additional properties 'replicas'"),
         (("--set", "image.pullPolicy=Sometimes"), r"/image/pullPolicy"),
+        (("--set", "persistence.type=hostPath"), r"/persistence/type"),
+        (("--set", "persistence.retentionPolicy.whenScaled=Keep"), r"/persistence/retentionPolicy/whenScaled"),
     ]:
         proc = render_raw(*args)
         assert proc.returncode != 0, args

@@ -109,6 +109,22 @@ pub enum Op {
     Query,
 }
 
+/// A random operation for a test workload, with its wire name and amount: 30 % deposits of
+/// 1..=40, 40 % withdrawals of 1..=60 (many fail when the balance is around 100), 30 % queries.
+pub fn random_op(rng: &mut impl rand::Rng) -> (Op, &'static str, u64) {
+    match rng.random_range(0..10) {
+        0..=2 => {
+            let a = rng.random_range(1..=40u64);
+            (Op::Deposit(a), "deposit", a)
+        }
+        3..=6 => {
+            let a = rng.random_range(1..=60u64);
+            (Op::Withdraw(a), "withdraw", a)
+        }
+        _ => (Op::Query, "query", 0),
+    }
+}
+
 /// The result a client observed for an [`Op`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Ret {
@@ -133,6 +149,15 @@ pub struct Call {
     pub invoke: u64,
     /// When the client received the response (`invoke < complete`).
     pub complete: u64,
+}
+
+/// How much an answered call changed the balance (a successful deposit or withdrawal).
+pub fn effect(call: &Call) -> i64 {
+    match (call.op, call.ret) {
+        (Op::Deposit(a), Ret::Success) => a as i64,
+        (Op::Withdraw(a), Ret::Success) => -(a as i64),
+        _ => 0,
+    }
 }
 
 /// The outcome of [`check`].
