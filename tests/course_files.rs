@@ -13,7 +13,7 @@ async fn replay_fixture(input_name: &str, voters: usize) -> (String, u64) {
     let input = input::load(&support::fixture(input_name)).expect("fixture parses");
     let cluster = support::start_cluster(input.branch_ids().len() as u64, input.initial_balance(), voters).await;
     let clients = support::clients(&cluster);
-    replay::wait_until_serving(&clients, Duration::from_secs(30))
+    replay::wait_until_serving(&clients, Duration::from_secs(300))
         .await
         .expect("serving");
     let outputs = replay::replay(&input, &clients, &ReplayOptions::default())

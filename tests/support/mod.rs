@@ -33,7 +33,7 @@ pub async fn start_cluster(branches: u64, initial_balance: u64, voters: usize) -
         .await
         .expect("cluster starts");
     cluster
-        .wait_ready(Duration::from_secs(60))
+        .wait_ready(Duration::from_secs(300))
         .await
         .expect("cluster ready");
     cluster
@@ -87,7 +87,7 @@ where
 
 /// Waits until every replica of `cluster` shows `balance`.
 pub async fn replicas_converge(cluster: &LocalCluster, balance: u64) {
-    eventually(Duration::from_secs(20), "all replicas to converge", || async {
+    eventually(Duration::from_secs(120), "all replicas to converge", || async {
         cluster.local_balances().values().all(|b| *b == balance)
     })
     .await;
