@@ -19,7 +19,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-K8S_VERSION="$(sed -n 's/^require k8s.io\/kubernetes \(v[0-9.]*\)$/\1/p' "$HERE/tools/go.mod")"
+K8S_VERSION="$(sed -n 's/^[[:space:]]*k8s.io\/kubernetes \(v[0-9][0-9.]*\)\( \/\/.*\)\{0,1\}$/\1/p' "$HERE/tools/go.mod")"
 [[ -n "$K8S_VERSION" ]] || { echo "control-plane: no k8s.io/kubernetes version in $HERE/tools/go.mod" >&2; exit 1; }
 TOOLS="${DISTBANK_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/distbank-tools}"
 BIN="$TOOLS/control-plane-$K8S_VERSION/bin"
@@ -164,7 +164,8 @@ start() {
   done
   log "kube-apiserver ready"
 
-  # The StatefulSet and Job controllers create the real Pod objects that the test runs.
+  # The StatefulSet and Job controllers create the real Pod objects that the test runs; each
+  # controller uses its own ServiceAccount and bootstrap RBAC role, as in a real cluster.
   start_bg "$dir" kube-controller-manager "$BIN/kube-controller-manager" \
     --kubeconfig "$dir/controller-manager.kubeconfig" \
     --authentication-kubeconfig "$dir/controller-manager.kubeconfig" \
@@ -172,7 +173,7 @@ start() {
     --bind-address 127.0.0.1 --secure-port 0 \
     --controllers 'serviceaccount,statefulset,job,root-ca-cert-publisher,garbagecollector,ttl-after-finished,endpointslice' \
     --root-ca-file "$pki/ca.crt" --service-account-private-key-file "$pki/sa.key" \
-    --use-service-account-credentials=false --leader-elect=false --v=1
+    --use-service-account-credentials=true --leader-elect=false --v=1
   sleep 0.2
   alive "$dir/kube-controller-manager.pid" || { tail -n 40 "$dir/kube-controller-manager.log" >&2; die "kube-controller-manager exited"; }
   log "kube-controller-manager started"
