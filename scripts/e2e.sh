@@ -70,10 +70,12 @@ cleanup() {
   set +e
   if [[ $rc -ne 0 ]]; then
     log "failure diagnostics (state in $STATE)"
+    mkdir -p "$STATE/logs"
     for c in "${CONTAINERS[@]}"; do
       podman container exists "$c" 2>/dev/null || continue
-      printf -- '--- podman logs %s (last 15 lines)\n' "$c" >&2
-      podman logs --tail 15 "$c" >&2 2>&1
+      podman logs "$c" >"$STATE/logs/$c.log" 2>&1
+      printf -- '--- podman logs %s (last 5 lines; all in %s)\n' "$c" "$STATE/logs" >&2
+      tail -n 5 "$STATE/logs/$c.log" >&2
     done
     [[ -f "$STATE/cp/kube-apiserver.log" ]] && { echo "--- kube-apiserver.log (tail)" >&2; tail -n 20 "$STATE/cp/kube-apiserver.log" >&2; }
     [[ -f "$STATE/cp/kube-controller-manager.log" ]] && { echo "--- kube-controller-manager.log (tail)" >&2; tail -n 20 "$STATE/cp/kube-controller-manager.log" >&2; }
@@ -248,10 +250,12 @@ run_case() {
   jc="$(run_pod "$jpod")"
   CONTAINERS+=("$jc")
   if [[ $fault -eq 1 ]]; then
-    # The last branch's customer is replayed last (one customer at a time): remove its branch as
-    # soon as the replay starts, as a node failure would, and bring the StatefulSet's replacement
-    # Pod back under the same name.
-    local victim="$sts-$((n - 1))" old_ip new_ip old_uid
+    # Customer items are replayed one at a time in input order: remove the branch of the last
+    # one as soon as the replay starts, as a node failure would, and bring the StatefulSet's
+    # replacement Pod back under the same name.
+    local victim old_ip new_ip old_uid last_customer
+    last_customer="$(python3 -c 'import json,sys; print([i["id"] for i in json.load(open(sys.argv[1])) if i.get("type") == "customer"][-1])' "$input")"
+    victim="$sts-$((last_customer - 1))"
     old_ip="$(container_ip "${NS}_$victim")"
     old_uid="$(k get pod "$victim" -o jsonpath='{.metadata.uid}')"
     wait_for "the replay to start" sh -c "podman logs '$jc' 2>&1 | grep -q 'replay started'"
