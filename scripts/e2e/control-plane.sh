@@ -33,6 +33,8 @@ build() {
     printf '%s\n' "$BIN"
     return
   fi
+  # The machine's Go lives in /usr/local/go; a CI environment may not have it on PATH.
+  command -v go >/dev/null || [[ ! -x /usr/local/go/bin/go ]] || PATH="/usr/local/go/bin:$PATH"
   command -v go >/dev/null || die "go not found: the control plane is built from the Go module proxy"
   local major minor rest
   IFS=. read -r major minor rest <<<"${K8S_VERSION#v}"
