@@ -122,7 +122,7 @@ backend="$(podman info --format '{{.Host.NetworkBackend}}')"
 # --- 2. network + control plane ------------------------------------------------------------------
 phase "podman network + control plane"
 # A /24 no other podman network uses, for this run only.
-used="$(podman network ls --format '{{range .Subnets}}{{.Subnet}} {{end}}' 2>/dev/null || true)"
+used="$(podman network ls --format '{{range .Subnets}}{{.Subnet}} {{end}}' 2>/dev/null || true) $(ip -4 route 2>/dev/null | awk '{print $1}' | tr '\n' ' ')"
 subnet=""
 for i in $(seq 90 250); do
   [[ " $used " == *" 10.$i.77.0/24 "* ]] || { subnet="10.$i.77"; break; }
