@@ -70,6 +70,9 @@ trap cleanup EXIT
 # --- host prerequisites ---------------------------------------------------------------------------
 need_pkgs=()
 command -v podman >/dev/null 2>&1 || need_pkgs+=(podman buildah runc)
+# netavark + aardvark-dns: container DNS with --network-alias (the CNI backend has none without
+# the dnsname plugin); scripts/e2e.sh relies on it.
+[[ -x /usr/lib/podman/netavark || -x /usr/libexec/podman/netavark ]] || need_pkgs+=(netavark aardvark-dns)
 command -v debootstrap >/dev/null 2>&1 || need_pkgs+=(debootstrap)
 if [[ ${#need_pkgs[@]} -gt 0 ]]; then
   if [[ $install_deps -eq 1 && $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
@@ -99,6 +102,8 @@ pull_policy = "never"
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
+[network]
+network_backend = "netavark"
 EOF
 }
 if [[ -z "${CONTAINERS_CONF:-}" && ! -e "$PODMAN_CONF" ]]; then

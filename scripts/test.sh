@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The project's one test command (README quick start, and what .ci/run runs):
 # formatting, lints, every test (unit, integration, Python interop), a benchmark smoke run,
-# and the Helm chart / manifest checks. Installs what the tests need on first use (a Python
-# virtualenv with grpcio-tools; helm, kubectl and validators via scripts/check-chart.sh) into
-# ${XDG_CACHE_HOME:-~/.cache}/distbank*, so later runs are offline and fast.
+# the Helm chart / manifest checks, and the end-to-end test against a real API server. Installs
+# what the tests need on first use (a Python virtualenv with grpcio-tools; helm, kubectl and
+# validators via scripts/check-chart.sh; podman, base images and the Go-built control plane via
+# scripts/e2e.sh) into ${XDG_CACHE_HOME:-~/.cache}/distbank*, so later runs are offline and fast.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -33,5 +34,13 @@ scripts/bench.sh --smoke
 if [[ -x scripts/check-chart.sh ]]; then
   step "Helm chart and manifests"
   scripts/check-chart.sh
+fi
+# The real image, chart, API server and StatefulSet-shaped containers (docs/kubernetes.md,
+# "End-to-end test"). Needs root for podman on a fresh machine; DISTBANK_SKIP_E2E=1 skips it.
+if [[ "${DISTBANK_SKIP_E2E:-0}" == 1 ]]; then
+  step "end-to-end test SKIPPED (DISTBANK_SKIP_E2E=1)"
+else
+  step "end-to-end test (scripts/e2e.sh)"
+  scripts/e2e.sh
 fi
 step "all checks passed"

@@ -682,6 +682,12 @@ async fn replay_to_file(
     if let Some(timeout) = wait {
         replay::wait_until_serving(&clients, timeout).await?;
     }
+    // Marks the start of the events in the Job's log (the end-to-end test faults a branch after it).
+    tracing::info!(
+        customers = input.customers.len(),
+        events = input.event_count(),
+        "replay started"
+    );
     let options = replay_args.options();
     let outputs = tokio::select! {
         outputs = replay::replay(input, &clients, &options) => outputs?,
