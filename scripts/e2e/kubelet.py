@@ -9,7 +9,8 @@ kubelet, CoreDNS and the Service machinery would do for it in a cluster:
 - env: literal values, downward-API fieldRefs (metadata.name/namespace/uid/labels/annotations,
   spec.serviceAccountName/nodeName), configMapKeyRef, $(VAR) expansion in env and args, and
   KUBERNETES_SERVICE_HOST/PORT;
-- volumes: configMap (keys or items), emptyDir (tmpfs with its sizeLimit) and projected
+- volumes: configMap (keys or items), emptyDir (tmpfs with its sizeLimit), persistentVolumeClaim
+  (the claim must exist; a host directory per claim that outlives the pod) and projected
   (serviceAccountToken from the TokenRequest API bound to this pod, configMap, downwardAPI) —
   i.e. the kube-api-access volume the ServiceAccount admission plugin adds;
 - security context: runAsUser/runAsGroup/fsGroup, runAsNonRoot (checked), readOnlyRootFilesystem,
@@ -156,6 +157,20 @@ def volumes(pod, state, args, gid):
                 else:
                     raise PodError(f"pod {name}: volume {vname}: unsupported projected source {sorted(src)}")
             result[vname] = ("bind", root)
+        elif "persistentVolumeClaim" in vol:
+            # The claim must exist (the StatefulSet controller creates it from
+            # volumeClaimTemplates); its "volume" is a host directory named after the claim that
+            # outlives the pod, so a pod recreated under the same name gets its data back.
+            claim = vol["persistentVolumeClaim"]["claimName"]
+            kubectl(["-n", ns, "get", "persistentvolumeclaim", claim, "-o", "name"], args.kubectl)
+            path = os.path.join(os.path.dirname(state), "..", "claims", f"{ns}_{claim}")
+            path = os.path.normpath(path)
+            os.makedirs(path, exist_ok=True)
+            if gid is not None:
+                # What the kubelet does for fsGroup: group-owned, group-writable, setgid.
+                os.chown(path, 0, gid)
+                os.chmod(path, 0o2775)
+            result[vname] = ("bind", path)
         else:
             raise PodError(f"pod {name}: volume {vname}: unsupported volume type {sorted(vol)}")
     return result
