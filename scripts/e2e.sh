@@ -252,7 +252,7 @@ run_case() {
   if [[ $fault -eq 1 ]]; then
     # Customer items are replayed one at a time in input order: remove the branch of the last
     # one as soon as the replay starts, as a node failure would, and bring the StatefulSet's
-    # replacement Pod back under the same name.
+    # replacement Pod back under the same name once the replay is retrying against it.
     local victim old_ip new_ip old_uid last_customer
     last_customer="$(python3 -c 'import json,sys; print([i["id"] for i in json.load(open(sys.argv[1])) if i.get("type") == "customer"][-1])' "$input")"
     victim="$sts-$((last_customer - 1))"
@@ -263,6 +263,10 @@ run_case() {
     log "fault: removed $victim ($old_ip) mid-replay; deleting its Pod so the StatefulSet controller recreates it"
     k delete pod "$victim" --wait=false >/dev/null
     wait_for "a new $victim Pod" new_pod "$victim" "$old_uid"
+    # Bring it back only once the replay has run into the missing branch (so the fault hits
+    # the replay on any machine speed); the retry budget (60 s) covers the restart.
+    wait_for "the replay to retry against the missing $victim" \
+      sh -c "podman logs '$jc' 2>&1 | grep -q 'retrying with the same event id'"
     # Hold the old address so the replacement gets a new one, as a rescheduled pod would.
     CONTAINERS+=("${NS}_ip-holder")
     podman run -d --name "${NS}_ip-holder" --network "$NET" --ip "$old_ip" --pull never "$HOLDER_IMAGE" sleep infinity >/dev/null
