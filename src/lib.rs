@@ -36,6 +36,7 @@ pub mod branch;
 pub mod cluster;
 pub mod discovery;
 pub mod input;
+pub mod metrics;
 pub mod output;
 pub mod proto;
 pub mod replay;

@@ -29,13 +29,16 @@ pub const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
 /// the branch (forwarding writes, read-index requests).
 #[derive(Debug, Clone, Default)]
 pub struct PeerChannels {
+    /// The branch these channels belong to (for its peer metrics).
+    owner: NodeId,
     channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
     connect_timeout: Duration,
 }
 
 impl PeerChannels {
-    pub fn new(connect_timeout: Duration) -> PeerChannels {
+    pub fn new(owner: NodeId, connect_timeout: Duration) -> PeerChannels {
         PeerChannels {
+            owner,
             channels: Arc::default(),
             connect_timeout,
         }
@@ -68,6 +71,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerChannels {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
         PeerConnection {
+            owner: self.owner,
             target,
             client: self.client(target, &node.addr).map_err(|e| e.to_string()),
         }
@@ -76,6 +80,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerChannels {
 
 /// Raft's view of one peer.
 pub struct PeerConnection {
+    owner: NodeId,
     target: NodeId,
     client: Result<PeerClient<Channel>, String>,
 }
@@ -117,6 +122,7 @@ impl PeerConnection {
             Rpc::Vote => client.vote(request).await,
             Rpc::InstallSnapshot => client.install_snapshot(request).await,
         };
+        crate::metrics::record_peer(self.owner, self.target, reply.is_ok());
         let reply = reply.map_err(|status| {
             let error = TransportError(format!("{}: {}", status.code(), status.message()));
             match status.code() {
