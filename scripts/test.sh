@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's one test command (README quick start, and what .ci/run runs):
-# formatting, lints, every test (unit, integration, Python interop), a benchmark smoke run,
-# and the Helm chart / manifest checks. Installs what the tests need on first use (a Python
-# virtualenv with grpcio-tools; helm, kubectl and validators via scripts/check-chart.sh) into
+# formatting, lints, every test (unit, integration, Python interop), a real-Jaeger tracing
+# check, a benchmark smoke run, and the Helm chart / manifest checks. Installs what the tests
+# need on first use (a Python virtualenv with grpcio-tools; Jaeger built with Go via
+# scripts/jaeger-e2e.sh; helm, kubectl and validators via scripts/check-chart.sh) into
 # ${XDG_CACHE_HOME:-~/.cache}/distbank*, so later runs are offline and fast.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,6 +27,9 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 step "cargo test"
 cargo test --locked
+step "tracing end to end with a real Jaeger v2 (builds it once with Go; skipped without Go)"
+DISTBANK_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/distbank" \
+  scripts/jaeger-e2e.sh
 step "bench smoke (debug build: checks the bench runs and agrees with the reference, not speed)"
 cargo run --locked --quiet -- bench tests/fixtures/course_50_input.json --runs 1 \
   --expect tests/fixtures/course_50_output.json
