@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The project's one test command (README quick start, and what .ci/run runs):
-# formatting, lints, every test (unit, integration, Python interop), a benchmark smoke run,
-# the Helm chart / manifest checks, and the end-to-end test against a real API server. Installs
-# what the tests need on first use (a Python virtualenv with grpcio-tools; helm, kubectl and
-# validators via scripts/check-chart.sh; podman, base images and the Go-built control plane via
-# scripts/e2e.sh) into ${XDG_CACHE_HOME:-~/.cache}/distbank*, so later runs are offline and fast.
+# formatting, lints, every test (unit, integration, Python interop), a real-Jaeger tracing
+# check, a benchmark smoke run, the Helm chart / manifest checks, and the end-to-end test against
+# a real API server. Installs what the tests need on first use (a Python virtualenv with
+# grpcio-tools; Jaeger built with Go via scripts/jaeger-e2e.sh; helm, kubectl and validators via
+# scripts/check-chart.sh; podman, base images and the Go-built control plane via scripts/e2e.sh)
+# into ${XDG_CACHE_HOME:-~/.cache}/distbank*, so later runs are offline and fast.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -27,6 +28,9 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 step "cargo test"
 cargo test --locked
+step "tracing end to end with a real Jaeger v2 (builds it once with Go; skipped without Go)"
+DISTBANK_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/distbank" \
+  scripts/jaeger-e2e.sh
 step "fuzz targets compile (running them: cargo fuzz, see docs/design.md)"
 cargo check --locked --quiet --manifest-path fuzz/Cargo.toml --bins
 step "bench smoke (debug build, tiny workloads, the original beside it: checks the bench runs, not speed)"

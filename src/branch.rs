@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
+use tracing::Instrument as _;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,9 +36,10 @@ use crate::proto::peer::peer_server::PeerServer;
 use crate::replication::disk::StoreError;
 use crate::replication::network::{MAX_PEER_MESSAGE, PeerChannels};
 use crate::replication::store::{StateMachine, Storage};
-use crate::replication::{NodeId, Raft, RaftTiming, raft_config};
+use crate::replication::{NodeId, Proposal, Raft, RaftTiming, raft_config};
 use crate::service::bank::BankService;
 use crate::service::peer::PeerService;
+use crate::{metrics, telemetry};
 
 /// Customer requests one connection may have in flight; more are refused with
 /// RESOURCE_EXHAUSTED. Below HTTP/2's default stream limit (200), so the limit is what bites.
@@ -230,7 +232,25 @@ impl Branch {
     /// Appends `command` on this branch, which must be the leader (the peer service's
     /// `Submit` lands here; it never forwards again, so requests cannot loop).
     pub(crate) async fn submit_local(&self, command: Command) -> Result<Committed, SubmitError> {
-        match self.inner.raft.client_write(command).await {
+        let (span, traceparent) = if telemetry::enabled() {
+            let span = tracing::info_span!(
+                "consensus",
+                otel.name = "raft.client_write",
+                branch.id = self.inner.id,
+                event.id = command.event_id(),
+                log.index = tracing::field::Empty,
+            );
+            let traceparent = span.in_scope(telemetry::current_traceparent);
+            (span, traceparent)
+        } else {
+            (tracing::Span::none(), None)
+        };
+        let proposal = Proposal { command, traceparent };
+        let result = self.inner.raft.client_write(proposal).instrument(span.clone()).await;
+        if let Ok(response) = &result {
+            span.record("log.index", response.log_id.index);
+        }
+        match result {
             Ok(response) => Ok(Committed {
                 log_index: response.log_id.index,
                 outcome: response.data.outcome,
@@ -250,6 +270,7 @@ impl Branch {
             amount,
         });
         request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        telemetry::inject_metadata(request.metadata_mut());
         let reply = client
             .submit(request)
             .await
@@ -444,7 +465,7 @@ pub async fn start(
     })?;
 
     let storage = match &config.data_dir {
-        None => Storage::in_memory(config.initial_balance),
+        None => Storage::in_memory(config.id, config.initial_balance),
         Some(dir) => {
             let (dir, id, balance) = (dir.clone(), config.id, config.initial_balance);
             tokio::task::spawn_blocking(move || Storage::open(&dir, id, balance))
@@ -453,7 +474,7 @@ pub async fn start(
         }
     };
     let state = storage.state.clone();
-    let peers = PeerChannels::new(Duration::from_secs(2), config.members.clone());
+    let peers = PeerChannels::new(config.id, Duration::from_secs(2), config.members.clone());
     let raft = Raft::new(
         config.id,
         Arc::new(raft_config(config.timing)?),
@@ -497,9 +518,11 @@ pub async fn start(
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    // The reporter starts with "" SERVING; a branch is not ready before it can answer.
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_not_serving::<BankServer<BankService>>().await;
+    // Liveness: the process serves gRPC. Readiness ("", "readiness", and the Bank service):
+    // the branch can answer linearizably; not before it has caught up.
+    health.set_service_status(LIVENESS, ServingStatus::Serving).await;
+    set_readiness(config.id, &health, ServingStatus::NotServing).await;
+    metrics::register_branch(&branch);
 
     let (ready_tx, ready_rx) = watch::channel(false);
     let task = tokio::spawn(serve(
@@ -588,8 +611,9 @@ async fn serve(
         branch = config.id,
         "shutting down: NOT_SERVING, draining customer requests"
     );
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_not_serving::<BankServer<BankService>>().await;
+    // Readiness goes first, while the listener still answers, so load balancers and probes
+    // stop sending customers here before the drain; liveness stays SERVING until the end.
+    set_readiness(config.id, &health, ServingStatus::NotServing).await;
     background.cancel();
     let _ = membership_task.await;
     let _ = readiness_task.await;
@@ -608,6 +632,7 @@ async fn serve(
             Err(e) => return Err(BranchError::Start(format!("server task failed: {e}"))),
         }
     }
+    metrics::unregister_branch(config.id);
     tracing::debug!(branch = config.id, "stopped");
     Ok(())
 }
@@ -666,31 +691,60 @@ async fn manage_membership(config: BranchConfig, branch: Branch, stop: Cancellat
     }
 }
 
-/// Reports SERVING once a linearizable read succeeds here: the branch knows the leader, is a
-/// member, and has caught up with everything committed before the check.
+/// The health service name that reports liveness: SERVING while the process runs.
+pub const LIVENESS: &str = "liveness";
+/// The health service name that reports readiness (so do "" and `Bank`).
+pub const READINESS: &str = "readiness";
+
+async fn set_readiness(branch: NodeId, health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    metrics::record_ready(branch, status == ServingStatus::Serving);
+    health.set_service_status("", status).await;
+    health.set_service_status(READINESS, status).await;
+    match status {
+        ServingStatus::Serving => health.set_serving::<BankServer<BankService>>().await,
+        _ => health.set_not_serving::<BankServer<BankService>>().await,
+    }
+}
+
+/// Readiness: SERVING once a linearizable read succeeds here (the branch knows the leader, is
+/// a member, and has caught up with everything committed before the check); NOT_SERVING again
+/// while it knows no leader (an election, or cut off from the quorum), until a read succeeds.
 async fn await_readiness(
     branch: Branch,
     health: tonic_health::server::HealthReporter,
     ready: watch::Sender<bool>,
     stop: CancellationToken,
 ) {
+    let mut metrics = branch.raft().metrics();
     loop {
-        let attempt = branch.linearizable_read(Instant::now() + Duration::from_secs(1));
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            result = attempt => {
-                if result.is_ok() {
-                    health.set_service_status("", ServingStatus::Serving).await;
-                    health.set_serving::<BankServer<BankService>>().await;
-                    let _ = ready.send(true);
-                    tracing::debug!(branch = branch.id(), "SERVING");
-                    return;
-                }
+        loop {
+            let attempt = branch.linearizable_read(Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                result = attempt => if result.is_ok() { break },
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        set_readiness(branch.id(), &health, ServingStatus::Serving).await;
+        let _ = ready.send(true);
+        tracing::debug!(branch = branch.id(), "SERVING");
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = metrics.changed() => if changed.is_err() { return },
+            }
+            if metrics.borrow_and_update().current_leader.is_none() {
+                break;
+            }
         }
+        set_readiness(branch.id(), &health, ServingStatus::NotServing).await;
+        let _ = ready.send(false);
+        tracing::info!(
+            branch = branch.id(),
+            "no known leader: readiness NOT_SERVING until caught up"
+        );
     }
 }

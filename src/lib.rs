@@ -27,7 +27,8 @@
 //!
 //! Around them: [`discovery`] (peer and branch addresses: lists, `{id}`/`{ordinal}` templates,
 //! StatefulSet ordinals), [`proto`] (generated code and every wire conversion), [`telemetry`]
-//! (logging setup), [`bench`] (timed local runs for `distbank bench`), [`artifact`] (uploading
+//! (logging, OTLP trace export only when an endpoint is set, W3C context in gRPC metadata and
+//! in log entries), [`metrics`] (Prometheus `/metrics` on its own listener), [`bench`] (timed local runs for `distbank bench`), [`artifact`] (uploading
 //! output.json to a Kubernetes ConfigMap from the replay Job).
 
 pub mod account;
@@ -38,6 +39,7 @@ pub mod cluster;
 pub mod coalesce;
 pub mod discovery;
 pub mod input;
+pub mod metrics;
 pub mod output;
 pub mod proto;
 pub mod replay;

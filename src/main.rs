@@ -30,6 +30,14 @@ struct Cli {
     /// Log format (logs go to stderr).
     #[arg(long, global = true, env = "DISTBANK_LOG_FORMAT", value_enum, default_value = "auto")]
     log_format: LogFormat,
+    /// Export traces over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317, Jaeger's
+    /// OTLP port); without it nothing is exported. OTEL_SERVICE_NAME,
+    /// OTEL_RESOURCE_ATTRIBUTES and OTEL_TRACES_SAMPLER[_ARG] apply as usual.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090); off by default.
+    #[arg(long, global = true, env = "DISTBANK_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     #[command(subcommand)]
     command: Command,
 }
@@ -256,10 +264,6 @@ fn main() -> ExitCode {
         cli.command,
         Command::Run { .. } | Command::Client { .. } | Command::Bench { .. }
     );
-    if let Err(e) = telemetry::init(cli.log_format, if quiet { "warn" } else { "info" }) {
-        eprintln!("distbank: cannot set up logging: {e}");
-        return ExitCode::FAILURE;
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -267,7 +271,33 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    // The OTLP exporter's gRPC channel needs the runtime.
+    let telemetry = match runtime.block_on(async {
+        telemetry::init(
+            cli.log_format,
+            if quiet { "warn" } else { "info" },
+            cli.otlp_endpoint.as_deref(),
+        )
+    }) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("distbank: cannot set up telemetry: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics_stop = CancellationToken::new();
+    let result = runtime.block_on(async {
+        if let Some(addr) = cli.metrics_listen {
+            let (bound, server) = distbank::metrics::serve(addr, metrics_stop.clone()).await?;
+            tracing::info!(addr = %bound, "serving metrics at /metrics");
+            tokio::spawn(server);
+        }
+        dispatch(cli.command).await
+    });
+    metrics_stop.cancel();
+    // Flush the spans still buffered while the runtime (and the exporter's channel) runs.
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("distbank: error: {e:#}");
@@ -609,13 +639,14 @@ async fn branch(args: BranchArgs) -> anyhow::Result<()> {
         request_timeout: Duration::from_secs(args.consensus.request_timeout),
         data_dir: args.data_dir.clone(),
     };
-    tracing::info!(
-        branch = id,
-        listen = %args.listen,
-        peer_listen = %args.peer_listen,
-        data_dir = ?args.data_dir,
-        "starting branch"
-    );
+    // The bound addresses (not the flags): with port 0 this is how a caller finds the ports.
+    let listen = customer
+        .local_addr()
+        .map_or_else(|_| args.listen.to_string(), |a| a.to_string());
+    let peer_listen = peer
+        .local_addr()
+        .map_or_else(|_| args.peer_listen.to_string(), |a| a.to_string());
+    tracing::info!(branch = id, listen = %listen, peer_listen = %peer_listen, data_dir = ?args.data_dir, "starting branch");
     let shutdown = CancellationToken::new();
     let running = distbank::branch::start(config, customer, peer, shutdown.clone()).await?;
     shutdown_signal().await;

@@ -23,6 +23,14 @@ impl Recv {
             Recv::Query { .. } => Operation::Query.interface(),
         }
     }
+
+    /// The result in one word (span attributes).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Recv::Deposit { success: true } | Recv::Withdraw { success: true } | Recv::Query { .. } => "success",
+            Recv::Deposit { success: false } | Recv::Withdraw { success: false } => "fail",
+        }
+    }
 }
 
 /// The output element for one customer item.

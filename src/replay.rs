@@ -20,6 +20,8 @@ use crate::output::{CustomerOutput, Recv};
 use crate::proto::bank::bank_client::BankClient;
 use crate::proto::bank::{TransactionRequest, TransactionResponse};
 use crate::proto::{EVENT_ID_METADATA, STATUS_FAIL, STATUS_SUCCESS};
+use crate::telemetry;
+use tracing::Instrument as _;
 
 /// How a replay runs.
 #[derive(Debug, Clone)]
@@ -204,6 +206,43 @@ pub async fn send_event(
     };
     // Input validation caps amounts at the wire's int32 range.
     let amount = i32::try_from(amount).unwrap_or(i32::MAX);
+    if !telemetry::enabled() {
+        return send_with_retries(client, customer, event, operation, amount, options).await;
+    }
+    // The root of the event's trace: every branch's work for it hangs below this span.
+    let span = tracing::info_span!(
+        "replay.event",
+        otel.name = format!("replay {operation}"),
+        otel.kind = "client",
+        customer.id = customer,
+        event.id = event.id,
+        operation,
+        amount,
+        result = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    telemetry::record_trace_id(&span);
+    let result = send_with_retries(client, customer, event, operation, amount, options)
+        .instrument(span.clone())
+        .await;
+    span.record(
+        "result",
+        match &result {
+            Ok(recv) => recv.label(),
+            Err(_) => "error",
+        },
+    );
+    result
+}
+
+async fn send_with_retries(
+    client: &mut BankClient<Channel>,
+    customer: u64,
+    event: &Event,
+    operation: &str,
+    amount: i32,
+    options: &ReplayOptions,
+) -> Result<Recv, ReplayError> {
     let started = Instant::now();
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -216,6 +255,7 @@ pub async fn send_event(
         request
             .metadata_mut()
             .insert(EVENT_ID_METADATA, MetadataValue::from(event.id));
+        telemetry::inject_metadata(request.metadata_mut());
         let last_error = match client.msg_delivery(request).await {
             Ok(reply) => return recv_from_reply(customer, event, reply.into_inner()),
             Err(status) if retryable(status.code()) => format!("{}: {}", status.code(), status.message()),

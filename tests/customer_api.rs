@@ -210,6 +210,7 @@ async fn requests_beyond_the_per_connection_limit_get_resource_exhausted() {
         voters: 3,
         timing: Default::default(),
         request_timeout: Duration::from_secs(300),
+        data_dir: None,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let running = branch::start(config, customer, peer, shutdown.clone())

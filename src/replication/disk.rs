@@ -500,9 +500,12 @@ mod tests {
     fn entry(index: u64) -> Entry<TypeConfig> {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(crate::account::Command::PropagateDeposit {
-                event_id: Some(index),
-                amount: 10,
+            payload: EntryPayload::Normal(crate::replication::Proposal {
+                command: crate::account::Command::PropagateDeposit {
+                    event_id: Some(index),
+                    amount: 10,
+                },
+                traceparent: None,
             }),
         }
     }

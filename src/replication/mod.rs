@@ -11,12 +11,28 @@ pub mod store;
 
 use std::io::Cursor;
 
+use serde::{Deserialize, Serialize};
+
 use crate::account::{Applied, Command};
+
+/// A log entry's payload: the command, and the W3C `traceparent` of the request that wrote it
+/// (only with tracing on), so every branch that applies the entry joins the customer's trace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub command: Command,
+    pub traceparent: Option<String>,
+}
+
+impl std::fmt::Display for Proposal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.command)
+    }
+}
 
 openraft::declare_raft_types!(
     /// openraft's type configuration for one replicated bank account.
     pub TypeConfig:
-        D = Command,
+        D = Proposal,
         R = Applied,
         NodeId = u64,
         Node = openraft::BasicNode,

@@ -29,6 +29,8 @@ pub const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
 /// the branch (forwarding writes, read-index requests).
 #[derive(Debug, Clone, Default)]
 pub struct PeerChannels {
+    /// The branch these channels belong to (for its peer metrics).
+    owner: NodeId,
     channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
     /// This branch's own configured peer addresses. They win over the address recorded in the
     /// replicated membership, which was written by whichever branch added the member and, with
@@ -38,8 +40,9 @@ pub struct PeerChannels {
 }
 
 impl PeerChannels {
-    pub fn new(connect_timeout: Duration, configured: BTreeMap<NodeId, String>) -> PeerChannels {
+    pub fn new(owner: NodeId, connect_timeout: Duration, configured: BTreeMap<NodeId, String>) -> PeerChannels {
         PeerChannels {
+            owner,
             channels: Arc::default(),
             configured: Arc::new(configured),
             connect_timeout,
@@ -75,6 +78,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerChannels {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
         PeerConnection {
+            owner: self.owner,
             target,
             client: self.client(target, &node.addr).map_err(|e| e.to_string()),
         }
@@ -83,6 +87,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerChannels {
 
 /// Raft's view of one peer.
 pub struct PeerConnection {
+    owner: NodeId,
     target: NodeId,
     client: Result<PeerClient<Channel>, String>,
 }
@@ -124,6 +129,7 @@ impl PeerConnection {
             Rpc::Vote => client.vote(request).await,
             Rpc::InstallSnapshot => client.install_snapshot(request).await,
         };
+        crate::metrics::record_peer(self.owner, self.target, reply.is_ok());
         let reply = reply.map_err(|status| {
             let error = TransportError(format!("{}: {}", status.code(), status.message()));
             match status.code() {

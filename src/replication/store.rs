@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use super::disk::{DataDir, LogState as LogData, Record, SnapshotStore, StoreError};
 use super::{NodeId, TypeConfig, codec};
-use crate::account::{Account, Applied, Outcome};
+use crate::account::{Account, Applied, Command, Outcome};
+use crate::telemetry;
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 
@@ -42,10 +43,10 @@ pub struct Storage {
 
 impl Storage {
     /// Storage that lives and dies with the process.
-    pub fn in_memory(initial_balance: u64) -> Storage {
+    pub fn in_memory(node_id: NodeId, initial_balance: u64) -> Storage {
         Storage {
             log: LogStore::default(),
-            state: StateMachine::new(initial_balance),
+            state: StateMachine::new(node_id, initial_balance),
         }
     }
 
@@ -87,6 +88,7 @@ impl Storage {
                 disk: Some(Arc::new(Mutex::new(data))),
             },
             state: StateMachine {
+                id: node_id,
                 inner: Arc::new(Mutex::new(machine)),
                 snapshots: Some(snapshots),
             },
@@ -240,14 +242,17 @@ struct MachineData {
 /// branch keeps one to answer reads from the local replica.
 #[derive(Debug, Clone)]
 pub struct StateMachine {
+    /// The branch this replica belongs to (for its apply spans).
+    id: NodeId,
     inner: Arc<Mutex<MachineData>>,
     /// Where snapshots are persisted, when the branch has a data directory.
     snapshots: Option<SnapshotStore>,
 }
 
 impl StateMachine {
-    pub fn new(initial_balance: u64) -> StateMachine {
+    pub fn new(id: NodeId, initial_balance: u64) -> StateMachine {
         StateMachine {
+            id,
             inner: Arc::new(Mutex::new(MachineData {
                 state: MachineState {
                     account: Account::new(initial_balance),
@@ -294,6 +299,37 @@ impl StateMachine {
     /// Index of the last entry this replica has applied.
     pub fn last_applied_index(&self) -> Option<u64> {
         lock(&self.inner).state.last_applied.map(|id| id.index)
+    }
+}
+
+/// The span of one replica applying one customer write: a child of the request that wrote it.
+fn apply_span(branch: NodeId, index: u64, command: &Command, traceparent: &str) -> tracing::Span {
+    let (name, operation, amount) = match command {
+        Command::PropagateDeposit { amount, .. } => ("apply PropagateDeposit", "PropagateDeposit", *amount),
+        Command::PropagateWithdraw { amount, .. } => ("apply PropagateWithdraw", "PropagateWithdraw", *amount),
+    };
+    let span = tracing::info_span!(
+        "apply",
+        otel.name = name,
+        branch.id = branch,
+        event.id = command.event_id(),
+        operation,
+        amount,
+        log.index = index,
+        result = tracing::field::Empty,
+        balance = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    telemetry::set_parent_from_traceparent(&span, traceparent);
+    span
+}
+
+/// The result as a span attribute / metric label.
+pub fn outcome_label(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Success | Outcome::Balance(_) => "success",
+        Outcome::Fail => "fail",
+        Outcome::EventIdReused { .. } => "event_id_reused",
     }
 }
 
@@ -350,7 +386,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for entry in entries {
             data.state.last_applied = Some(entry.log_id);
             let applied = match entry.payload {
-                EntryPayload::Normal(command) => data.state.account.apply(&command),
+                EntryPayload::Normal(proposal) => {
+                    // Only entries written under a sampled trace carry a traceparent.
+                    let span = match &proposal.traceparent {
+                        Some(traceparent) if telemetry::enabled() => {
+                            apply_span(self.id, entry.log_id.index, &proposal.command, traceparent)
+                        }
+                        _ => tracing::Span::none(),
+                    };
+                    let applied = data.state.account.apply(&proposal.command);
+                    if !span.is_none() {
+                        span.record("result", outcome_label(applied.outcome));
+                        span.record("balance", applied.balance);
+                    }
+                    applied
+                }
                 EntryPayload::Membership(membership) => {
                     data.state.membership = StoredMembership::new(Some(entry.log_id), membership);
                     Applied {

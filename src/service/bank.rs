@@ -11,6 +11,8 @@ use crate::branch::Branch;
 use crate::proto::bank::bank_server::Bank;
 use crate::proto::bank::{TransactionRequest, TransactionResponse};
 use crate::proto::{EVENT_ID_METADATA, STATUS_FAIL, STATUS_SUCCESS};
+use crate::{metrics, telemetry};
+use tracing::Instrument as _;
 
 pub struct BankService {
     branch: Branch,
@@ -76,6 +78,71 @@ impl Bank for BankService {
         &self,
         request: Request<TransactionRequest>,
     ) -> Result<Response<TransactionResponse>, Status> {
+        let started = metrics::enabled().then(std::time::Instant::now);
+        let operation = operation_label(&request.get_ref().operation);
+        let result = self.traced(request).await;
+        if let Some(started) = started {
+            metrics::record_operation(self.branch.id(), operation, result_label(&result), started.elapsed());
+        }
+        result
+    }
+}
+
+/// The operation as a metric label (a fixed set, whatever the customer sent).
+fn operation_label(operation: &str) -> &'static str {
+    match operation {
+        "deposit" => "deposit",
+        "withdraw" => "withdraw",
+        "query" => "query",
+        _ => "invalid",
+    }
+}
+
+/// The answer in one word (metric label and span attribute): the reply's status, or the error.
+fn result_label(result: &Result<Response<TransactionResponse>, Status>) -> &'static str {
+    let code = match result {
+        Ok(reply) if reply.get_ref().status == STATUS_SUCCESS => return "success",
+        Ok(_) => return "fail",
+        Err(status) => status.code(),
+    };
+    match code {
+        tonic::Code::InvalidArgument => "invalid_argument",
+        tonic::Code::PermissionDenied => "permission_denied",
+        tonic::Code::AlreadyExists => "already_exists",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::DeadlineExceeded => "deadline_exceeded",
+        tonic::Code::Cancelled => "cancelled",
+        _ => "error",
+    }
+}
+
+impl BankService {
+    async fn traced(&self, request: Request<TransactionRequest>) -> Result<Response<TransactionResponse>, Status> {
+        if !telemetry::enabled() {
+            return self.deliver(request).await;
+        }
+        let span = tracing::info_span!(
+            "MsgDelivery",
+            otel.name = "Bank/MsgDelivery",
+            otel.kind = "server",
+            branch.id = self.branch.id(),
+            customer.id = request.get_ref().customer_id,
+            event.id = tracing::field::Empty,
+            operation = request.get_ref().operation.as_str(),
+            amount = request.get_ref().amount,
+            result = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        telemetry::set_parent_from_metadata(&span, request.metadata());
+        if let Ok(Some(id)) = event_id(&request) {
+            span.record("event.id", id);
+        }
+        let result = self.deliver(request).instrument(span.clone()).await;
+        span.record("result", result_label(&result));
+        result
+    }
+
+    async fn deliver(&self, request: Request<TransactionRequest>) -> Result<Response<TransactionResponse>, Status> {
         let event_id = event_id(&request)?;
         let operation = operation(request.get_ref())?;
         let outcome = self.branch.execute(event_id, operation).await?;

@@ -9,6 +9,8 @@ use crate::proto;
 use crate::proto::peer::peer_server::Peer;
 use crate::proto::peer::{RaftPayload, ReadIndexReply, ReadIndexRequest, SubmitReply, SubmitRequest};
 use crate::replication::codec;
+use crate::telemetry;
+use tracing::Instrument as _;
 
 pub struct PeerService {
     branch: Branch,
@@ -49,6 +51,34 @@ impl Peer for PeerService {
     }
 
     async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<SubmitReply>, Status> {
+        // With tracing on, the leader's work joins the trace of the branch that forwarded it.
+        let span = if telemetry::enabled() {
+            let span = tracing::info_span!(
+                "peer.Submit",
+                otel.name = "distbank.peer.v1.Peer/Submit",
+                otel.kind = "server",
+                branch.id = self.branch.id(),
+                event.id = request.get_ref().event_id,
+                trace_id = tracing::field::Empty,
+            );
+            telemetry::set_parent_from_metadata(&span, request.metadata());
+            span
+        } else {
+            tracing::Span::none()
+        };
+        self.submit_traced(request).instrument(span).await
+    }
+
+    async fn read_index(&self, _request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexReply>, Status> {
+        match self.branch.local_read_index().await {
+            Ok(read_index) => Ok(Response::new(ReadIndexReply { read_index })),
+            Err(e) => Err(Status::failed_precondition(format!("cannot serve a read index: {e}"))),
+        }
+    }
+}
+
+impl PeerService {
+    async fn submit_traced(&self, request: Request<SubmitRequest>) -> Result<Response<SubmitReply>, Status> {
         let request = request.into_inner();
         let operation = proto::operation_from_peer(request.operation, request.amount)
             .ok_or_else(|| Status::invalid_argument(format!("unknown operation {}", request.operation)))?;
@@ -66,13 +96,6 @@ impl Peer for PeerService {
             // The sender retries with whoever leads now.
             Err(SubmitError::NotLeader) => Err(Status::failed_precondition("not the leader")),
             Err(SubmitError::Failed(e)) => Err(e.into()),
-        }
-    }
-
-    async fn read_index(&self, _request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexReply>, Status> {
-        match self.branch.local_read_index().await {
-            Ok(read_index) => Ok(Response::new(ReadIndexReply { read_index })),
-            Err(e) => Err(Status::failed_precondition(format!("cannot serve a read index: {e}"))),
         }
     }
 }

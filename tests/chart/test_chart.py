@@ -216,7 +216,7 @@ def test_services(default_docs):
     headless = one(default_docs, "Service", HEADLESS)
     assert headless["spec"]["clusterIP"] == "None"
     assert headless["spec"]["publishNotReadyAddresses"] is True
-    assert {p["name"]: p["port"] for p in headless["spec"]["ports"]} == {"grpc": 50051, "peer": 50052}
+    assert {p["name"]: p["port"] for p in headless["spec"]["ports"]} == {"grpc": 50051, "peer": 50052, "metrics": 9090}
     public = one(default_docs, "Service", FULLNAME)
     assert public["spec"]["type"] == "ClusterIP"
     assert "clusterIP" not in public["spec"]
@@ -234,12 +234,14 @@ def test_native_grpc_probes_on_numeric_port(fixture, branches):
     sts = one(render_case(fixture), "StatefulSet", FULLNAME)
     container = sts["spec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": 50051, "peer": 50052}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    assert ports == {"grpc": 50051, "peer": 50052, "metrics": 9090}
+    # Readiness = caught up and able to answer linearizably; liveness = the process serves.
+    services = {"startupProbe": "readiness", "readinessProbe": "readiness", "livenessProbe": "liveness"}
+    for probe, service in services.items():
         assert probe in container, probe
         grpc = container[probe]["grpc"]
         assert isinstance(grpc["port"], int) and grpc["port"] == ports["grpc"], (probe, grpc)
-        assert grpc.get("service", "") == ""
+        assert grpc.get("service", "") == service, (probe, grpc)
         assert set(container[probe]) & {"httpGet", "tcpSocket", "exec"} == set()
     # The startup probe gives a generous budget; liveness only starts after it.
     startup = container["startupProbe"]
@@ -251,6 +253,54 @@ def test_probe_port_follows_custom_port():
     container = sts["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["grpc"]["port"] == 6000
     assert arg_value(container, "--listen") == "0.0.0.0:6000"
+
+
+# --- observability -------------------------------------------------------------------------------
+
+def env_values(container) -> dict:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def test_metrics_on_by_default_without_service_monitor(default_docs):
+    sts = one(default_docs, "StatefulSet", FULLNAME)
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    assert arg_value(container, "--metrics-listen") == "0.0.0.0:9090"
+    headless = one(default_docs, "Service", HEADLESS)
+    assert {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"} in headless["spec"]["ports"]
+    assert not [d for d in default_docs if d["kind"] == "ServiceMonitor"]
+    # No tracing unless asked for: no exporter, no cost.
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env_values(container)
+    assert not [d for d in default_docs if d["metadata"]["name"].endswith("-jaeger")]
+
+
+def test_metrics_off_and_service_monitor():
+    off = one(render("--set", "metrics.enabled=false"), "StatefulSet", FULLNAME)
+    container = off["spec"]["template"]["spec"]["containers"][0]
+    assert not [a for a in container["args"] if a.startswith("--metrics-listen")]
+    docs = render("--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.serviceMonitor.labels.release=prom")
+    monitor = one(docs, "ServiceMonitor", FULLNAME)
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+
+
+def test_jaeger_option_points_every_pod_at_it():
+    docs = render("--set", "jaeger.enabled=true", "--set", "tracing.samplerArg=0.5")
+    jaeger = one(docs, "Deployment", f"{FULLNAME}-jaeger")
+    assert jaeger["spec"]["template"]["spec"]["containers"][0]["image"].startswith("jaegertracing/jaeger:2.")
+    service = one(docs, "Service", f"{FULLNAME}-jaeger")
+    assert {p["port"] for p in service["spec"]["ports"]} >= {4317, 16686}
+    endpoint = f"http://{FULLNAME}-jaeger:4317"
+    sts = one(docs, "StatefulSet", FULLNAME)
+    branch_env = env_values(sts["spec"]["template"]["spec"]["containers"][0])
+    assert branch_env["OTEL_EXPORTER_OTLP_ENDPOINT"] == endpoint
+    assert branch_env["OTEL_SERVICE_NAME"] == FULLNAME
+    assert branch_env["OTEL_TRACES_SAMPLER_ARG"] == "0.5"
+    job = next(d for d in docs if d["kind"] == "Job")
+    assert env_values(job["spec"]["template"]["spec"]["containers"][0])["OTEL_EXPORTER_OTLP_ENDPOINT"] == endpoint
+    # An external collector wins over the bundled Jaeger.
+    docs = render("--set", "tracing.otlpEndpoint=http://collector:4317")
+    sts = one(docs, "StatefulSet", FULLNAME)
+    assert env_values(sts["spec"]["template"]["spec"]["containers"][0])["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector:4317"
 
 
 # --- security ------------------------------------------------------------------------------------

@@ -200,6 +200,41 @@ when the input is not a JSON array of objects, has no branches, branch ids are n
       fieldPath: metadata.namespace
 {{- end -}}
 
+{{/* The OTLP endpoint pods export traces to: tracing.otlpEndpoint, else the bundled Jaeger's. */}}
+{{- define "distbank.otlpEndpoint" -}}
+{{- if .Values.tracing.otlpEndpoint -}}
+{{- .Values.tracing.otlpEndpoint -}}
+{{- else if .Values.jaeger.enabled -}}
+{{- printf "http://%s:4317" (include "distbank.jaegerName" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "distbank.jaegerName" -}}
+{{- printf "%s-jaeger" (include "distbank.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* OpenTelemetry variables (only when traces are exported). Usage: include "distbank.otelEnv" (dict "ctx" $ "service" "name") */}}
+{{- define "distbank.otelEnv" -}}
+{{- with include "distbank.otlpEndpoint" .ctx }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ $.service | quote }}
+{{- with $.ctx.Values.tracing.sampler }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ . | quote }}
+{{- end }}
+{{- with $.ctx.Values.tracing.samplerArg }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ . | quote }}
+{{- end }}
+{{- with $.ctx.Values.tracing.resourceAttributes }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{/* A native gRPC probe. Usage: include "distbank.grpcProbe" (dict "probe" .Values.branch.readinessProbe "port" 50051) */}}
 {{- define "distbank.grpcProbe" -}}
 grpc:
@@ -328,6 +363,9 @@ template:
             value: {{ $.Values.branch.idOffset | quote }}
           - name: DISTBANK_LOG_FORMAT
             value: {{ $.Values.replay.logFormat | quote }}
+          {{- with include "distbank.otelEnv" (dict "ctx" $ "service" (include "distbank.fullname" $)) | trim }}
+          {{- . | nindent 10 }}
+          {{- end }}
           {{- with $.Values.replay.rustLog }}
           - name: RUST_LOG
             value: {{ . | quote }}

@@ -1,0 +1,288 @@
+//! Prometheus metrics: a `/metrics` endpoint on its own listener (`--metrics-listen`).
+//!
+//! Process-wide, labelled by branch (several branches may share a process in `distbank run`):
+//! - `distbank_operations_total{branch,operation,result}` and
+//!   `distbank_operation_duration_seconds{branch,operation}`: customer requests;
+//! - `distbank_raft_*{branch}`: term, leadership, last log / applied index, apply lag, and on
+//!   the leader `distbank_raft_replication_lag_entries{branch,peer}`; read at scrape time from
+//!   openraft's metrics, so they cost nothing between scrapes;
+//! - `distbank_peer_up{branch,peer}`: whether the last Raft RPC to that peer got an answer;
+//! - `distbank_ready{branch}`: the readiness health status.
+//!
+//! Without `--metrics-listen` nothing is recorded ([`enabled`] is false).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::branch::Branch;
+use crate::replication::NodeId;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    branch: u64,
+    operation: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LatencyLabels {
+    branch: u64,
+    operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BranchLabels {
+    branch: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    branch: u64,
+    peer: u64,
+}
+
+struct Metrics {
+    registry: Registry,
+    operations: Family<OperationLabels, Counter>,
+    latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    peer_up: Family<PeerLabels, Gauge>,
+    ready: Family<BranchLabels, Gauge>,
+    term: Family<BranchLabels, Gauge>,
+    is_leader: Family<BranchLabels, Gauge>,
+    last_log_index: Family<BranchLabels, Gauge>,
+    last_applied_index: Family<BranchLabels, Gauge>,
+    apply_lag: Family<BranchLabels, Gauge>,
+    replication_lag: Family<PeerLabels, Gauge>,
+    branches: Mutex<BTreeMap<NodeId, Branch>>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s: a loopback commit takes about a millisecond, a stalled one seconds.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 16,
+    ))
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("distbank");
+        let operations = Family::default();
+        registry.register(
+            "operations",
+            "Customer operations by branch, operation and result",
+            operations.clone(),
+        );
+        let latency: Family<LatencyLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "operation_duration_seconds",
+            "Time to answer a customer operation (consensus included)",
+            latency.clone(),
+        );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let family = Family::<BranchLabels, Gauge>::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        let ready = gauge(&mut registry, "ready", "1 while the readiness health status is SERVING");
+        let term = gauge(&mut registry, "raft_current_term", "Raft term");
+        let is_leader = gauge(&mut registry, "raft_is_leader", "1 on the Raft leader");
+        let last_log_index = gauge(&mut registry, "raft_last_log_index", "Index of the last log entry");
+        let last_applied_index = gauge(
+            &mut registry,
+            "raft_last_applied_index",
+            "Index of the last entry applied to this replica",
+        );
+        let apply_lag = gauge(
+            &mut registry,
+            "raft_apply_lag_entries",
+            "Log entries this replica holds but has not applied yet",
+        );
+        let replication_lag = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "raft_replication_lag_entries",
+            "On the leader: entries a peer is behind the leader's log",
+            replication_lag.clone(),
+        );
+        let peer_up = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "peer_up",
+            "1 if the last Raft RPC to the peer got an answer, 0 if it failed",
+            peer_up.clone(),
+        );
+        Metrics {
+            registry,
+            operations,
+            latency,
+            peer_up,
+            ready,
+            term,
+            is_leader,
+            last_log_index,
+            last_applied_index,
+            apply_lag,
+            replication_lag,
+            branches: Mutex::default(),
+        }
+    }
+
+    /// Copies openraft's current metrics of every registered branch into the gauges.
+    fn refresh(&self) {
+        let branches = self.branches.lock().unwrap_or_else(|p| p.into_inner());
+        for (&id, branch) in branches.iter() {
+            let m = branch.raft().metrics().borrow().clone();
+            let labels = BranchLabels { branch: id };
+            let last_log = m.last_log_index.unwrap_or(0);
+            let applied = m.last_applied.map_or(0, |log_id| log_id.index);
+            self.term.get_or_create(&labels).set(gauge_value(m.current_term));
+            self.is_leader
+                .get_or_create(&labels)
+                .set(i64::from(m.current_leader == Some(id)));
+            self.last_log_index.get_or_create(&labels).set(gauge_value(last_log));
+            self.last_applied_index.get_or_create(&labels).set(gauge_value(applied));
+            self.apply_lag
+                .get_or_create(&labels)
+                .set(gauge_value(last_log.saturating_sub(applied)));
+            for (&peer, matched) in m.replication.iter().flatten() {
+                let matched = matched.map_or(0, |log_id| log_id.index);
+                self.replication_lag
+                    .get_or_create(&PeerLabels { branch: id, peer })
+                    .set(gauge_value(last_log.saturating_sub(matched)));
+            }
+            if m.replication.is_none() {
+                // No longer the leader: its per-peer lag figures are stale.
+                self.replication_lag.clear();
+            }
+        }
+    }
+}
+
+fn gauge_value(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether metrics are recorded (a metrics listener runs).
+#[inline]
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+fn metrics() -> Option<&'static Metrics> {
+    if enabled() { METRICS.get() } else { None }
+}
+
+/// Counts one answered customer operation and its latency.
+pub fn record_operation(branch: NodeId, operation: &'static str, result: &'static str, elapsed: Duration) {
+    if let Some(m) = metrics() {
+        m.operations
+            .get_or_create(&OperationLabels {
+                branch,
+                operation,
+                result,
+            })
+            .inc();
+        m.latency
+            .get_or_create(&LatencyLabels { branch, operation })
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Records whether the last Raft RPC from `branch` to `peer` got an answer.
+pub fn record_peer(branch: NodeId, peer: NodeId, up: bool) {
+    if let Some(m) = metrics() {
+        m.peer_up.get_or_create(&PeerLabels { branch, peer }).set(i64::from(up));
+    }
+}
+
+/// Records the readiness health status of `branch`.
+pub fn record_ready(branch: NodeId, ready: bool) {
+    if let Some(m) = metrics() {
+        m.ready.get_or_create(&BranchLabels { branch }).set(i64::from(ready));
+    }
+}
+
+/// Makes `branch`'s Raft state part of the scrape (until [`unregister_branch`]).
+pub fn register_branch(branch: &Branch) {
+    if let Some(m) = metrics() {
+        m.branches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(branch.id(), branch.clone());
+    }
+}
+
+pub fn unregister_branch(id: NodeId) {
+    if let Some(m) = metrics() {
+        m.branches.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+}
+
+/// The current metrics in the Prometheus text format.
+pub fn render() -> String {
+    let Some(m) = METRICS.get() else {
+        return String::new();
+    };
+    m.refresh();
+    let mut text = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut text, &m.registry);
+    text
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("metrics listener on {addr}: {source}")]
+pub struct MetricsError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Turns recording on and binds the `/metrics` listener; returns the bound address and the
+/// server, which runs until `shutdown` is cancelled.
+pub async fn serve(
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, impl Future<Output = ()> + Send + 'static), MetricsError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| MetricsError { addr, source })?;
+    METRICS.get_or_init(Metrics::new);
+    ENABLED.store(true, Ordering::Relaxed);
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                render(),
+            )
+        }),
+    );
+    let server = async move {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+        {
+            tracing::warn!(error = %e, "metrics server stopped");
+        }
+    };
+    Ok((bound, server))
+}
