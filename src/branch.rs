@@ -715,7 +715,7 @@ async fn await_readiness(
     ready: watch::Sender<bool>,
     stop: CancellationToken,
 ) {
-    let mut metrics = branch.raft().metrics();
+    let metrics = branch.raft().metrics();
     loop {
         loop {
             let attempt = branch.linearizable_read(Instant::now() + Duration::from_secs(1));
@@ -731,12 +731,15 @@ async fn await_readiness(
         set_readiness(branch.id(), &health, ServingStatus::Serving).await;
         let _ = ready.send(true);
         tracing::debug!(branch = branch.id(), "SERVING");
+        // Polled, not woken on every metrics change: those come with every applied entry, on
+        // every branch, and would cost more than the check (probes look every few seconds).
+        let mut poll = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                changed = metrics.changed() => if changed.is_err() { return },
+                _ = poll.tick() => {}
             }
-            if metrics.borrow_and_update().current_leader.is_none() {
+            if metrics.borrow().current_leader.is_none() {
                 break;
             }
         }

@@ -9,50 +9,103 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 type Round<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Shares rounds of an operation among the callers waiting for it (see the module docs).
 pub struct Coalescer<T> {
-    waiting: mpsc::UnboundedSender<oneshot::Sender<T>>,
+    shared: Arc<Shared<T>>,
+}
+
+struct Shared<T> {
+    round: Box<dyn Fn() -> Round<T> + Send + Sync>,
+    state: Mutex<State<T>>,
+}
+
+struct State<T> {
+    in_flight: bool,
+    /// Callers that arrived while a round was in flight: they share the next one.
+    waiting: Vec<oneshot::Sender<T>>,
 }
 
 impl<T: Clone + Send + 'static> Coalescer<T> {
-    /// Spawns the task that runs rounds of `round()`; it ends when the coalescer is dropped.
     pub fn new<F>(round: F) -> Self
     where
-        F: Fn() -> Round<T> + Send + 'static,
+        F: Fn() -> Round<T> + Send + Sync + 'static,
     {
-        let (waiting, mut queue) = mpsc::unbounded_channel::<oneshot::Sender<T>>();
-        tokio::spawn(async move {
-            let mut batch = Vec::new();
-            while let Some(first) = queue.recv().await {
-                batch.push(first);
-                // Everyone queued now arrived before this round starts.
-                while let Ok(next) = queue.try_recv() {
-                    batch.push(next);
-                }
-                batch.retain(|caller| !caller.is_closed());
-                if batch.is_empty() {
-                    continue;
-                }
-                let result = round().await;
-                for caller in batch.drain(..) {
-                    let _ = caller.send(result.clone());
-                }
-            }
-        });
-        Self { waiting }
+        Self {
+            shared: Arc::new(Shared {
+                round: Box::new(round),
+                state: Mutex::new(State {
+                    in_flight: false,
+                    waiting: Vec::new(),
+                }),
+            }),
+        }
     }
 
-    /// The result of the next round that begins after this call. `None` once the task is gone
-    /// (runtime shutting down).
+    /// The result of a round that begins after this call. A caller that finds no round in
+    /// flight runs one itself (no hand-off: a lone reader pays nothing extra). `None` only if
+    /// the round was abandoned without a result.
     pub async fn run(&self) -> Option<T> {
-        let (reply, answer) = oneshot::channel();
-        self.waiting.send(reply).ok()?;
-        answer.await.ok()
+        let waiter = {
+            let mut state = self.shared.lock();
+            if state.in_flight {
+                let (reply, answer) = oneshot::channel();
+                state.waiting.push(reply);
+                Some(answer)
+            } else {
+                state.in_flight = true;
+                None
+            }
+        };
+        match waiter {
+            Some(answer) => answer.await.ok(),
+            None => {
+                // The guard hands over to the waiters even if this caller is cancelled mid-round.
+                let _guard = RoundDone(self.shared.clone());
+                Some((self.shared.round)().await)
+            }
+        }
+    }
+}
+
+impl<T> Shared<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Ends a round: callers that arrived during it get a fresh round (on a task of its own, so the
+/// caller that ran this one is answered now), or the coalescer goes idle.
+struct RoundDone<T: Clone + Send + 'static>(Arc<Shared<T>>);
+
+impl<T: Clone + Send + 'static> Drop for RoundDone<T> {
+    fn drop(&mut self) {
+        let batch = {
+            let mut state = self.0.lock();
+            state.waiting.retain(|caller| !caller.is_closed());
+            if state.waiting.is_empty() {
+                state.in_flight = false;
+                return;
+            }
+            std::mem::take(&mut state.waiting)
+        };
+        let shared = self.0.clone();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime (process exit): nobody can be waiting for an answer any more.
+            return;
+        };
+        runtime.spawn(async move {
+            let _guard = RoundDone(shared.clone());
+            let result = (shared.round)().await;
+            for caller in batch {
+                let _ = caller.send(result.clone());
+            }
+        });
     }
 }
 
@@ -112,5 +165,35 @@ mod tests {
             );
         }
         assert_eq!(started.load(Ordering::SeqCst), 2, "ten late callers share one round");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_caller_cancelled_mid_round_does_not_strand_the_others() {
+        let (coalescer, started, began, release) = gated_rounds();
+        let coalescer = Arc::new(coalescer);
+        let first = tokio::spawn({
+            let c = coalescer.clone();
+            async move { c.run().await }
+        });
+        began.notified().await; // round 1 runs inside the first caller
+        let waiting = tokio::spawn({
+            let c = coalescer.clone();
+            async move { c.run().await }
+        });
+        tokio::task::yield_now().await;
+        first.abort(); // the caller running round 1 goes away
+        let _ = first.await;
+        began.notified().await; // the waiter still gets a round of its own
+        release.notify_one();
+        assert_eq!(waiting.await.expect("task"), Some(2));
+        // And the coalescer is idle again: the next caller runs round 3 itself.
+        let next = tokio::spawn({
+            let c = coalescer.clone();
+            async move { c.run().await }
+        });
+        began.notified().await;
+        release.notify_one();
+        assert_eq!(next.await.expect("task"), Some(3));
+        assert_eq!(started.load(Ordering::SeqCst), 3);
     }
 }
