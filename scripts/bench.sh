@@ -57,8 +57,19 @@ theirs_bench() { # input runs [expected-output]
   for ((i = 1; i <= runs; i++)); do
     step "original: $(basename "$input") run $i/$runs"
     rm -f "$work/output.json"
-    line=$(cd "$work" && SEED_PY=$python SEED_SLEEP=0 python3 "$root/scripts/bench/measure_tree.py" -- \
-      "$baseline/run.sh" all "$input" | tail -n1)
+    # Its fixed ports (50051+) lie in Linux's ephemeral range, so a socket left in TIME_WAIT by
+    # the previous workload can block one of them: retry a failed start a few times.
+    line=""
+    for attempt in 1 2 3; do
+      if line=$(cd "$work" && SEED_PY=$python SEED_SLEEP=0 python3 "$root/scripts/bench/measure_tree.py" -- \
+        "$baseline/run.sh" all "$input" 2>>"$work/original.err" | tail -n1) && [[ $line == wall_s=* ]]; then
+        break
+      fi
+      echo "  original: attempt $attempt failed (see its errors above); retrying" >&2
+      line=""
+      sleep 5
+    done
+    [[ -n $line ]] || { echo "  original: failed 3 times; skipped" >&2; continue; }
     echo "  $line" >&2
     times+=("$(sed -E 's/.*wall_s=([0-9.]+).*/\1/' <<<"$line")")
     theirs_mem="$(sed -E 's/.*peak_rss_mib=([0-9.]+) peak_pss_mib=([0-9.]+).*/\1 MiB RSS, \2 MiB PSS/' <<<"$line")"
@@ -70,7 +81,7 @@ theirs_bench() { # input runs [expected-output]
       fi
     fi
   done
-  theirs=$(printf '%s\n' "${times[@]}" | median)
+  ((${#times[@]})) && theirs=$(printf '%s\n' "${times[@]}" | median)
 }
 
 row() { # workload ours theirs extra
