@@ -8,7 +8,6 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::cluster::{ClusterError, ClusterOptions, LocalCluster};
-use crate::discovery::Addresses;
 use crate::input::Input;
 use crate::output;
 use crate::replay::{self, BranchClients, EventTiming, ReplayError, ReplayOptions, WaitError};
@@ -51,13 +50,7 @@ pub async fn run_once(
     let local = LocalCluster::start(&ids, input.initial_balance(), &options).await?;
     let result = async {
         local.wait_ready(Duration::from_secs(60)).await?;
-        let addresses = Addresses::Static(
-            local
-                .customer_addrs()
-                .into_iter()
-                .map(|(id, a)| (id, format!("http://{a}")))
-                .collect(),
-        );
+        let addresses = local.customer_addresses();
         let clients = BranchClients::new(&addresses, &ids, Duration::from_secs(2))?;
         replay::wait_until_serving(&clients, Duration::from_secs(10)).await?;
         let start = started.elapsed();
@@ -264,13 +257,7 @@ pub async fn run_concurrent(
     let local = LocalCluster::start(&ids, 1_000_000, cluster).await?;
     let result = async {
         local.wait_ready(Duration::from_secs(60)).await?;
-        let addresses = Addresses::Static(
-            local
-                .customer_addrs()
-                .into_iter()
-                .map(|(id, a)| (id, format!("http://{a}")))
-                .collect(),
-        );
+        let addresses = local.customer_addresses();
         let clients_handle = BranchClients::new(&addresses, &ids, Duration::from_secs(2))?;
         replay::wait_until_serving(&clients_handle, Duration::from_secs(10)).await?;
         let options = ReplayOptions::default();

@@ -134,6 +134,16 @@ impl LocalCluster {
         self.branches.iter().map(|b| (b.branch.id(), b.customer_addr)).collect()
     }
 
+    /// The customer addresses as the replay's address source (`http://` URLs).
+    pub fn customer_addresses(&self) -> crate::discovery::Addresses {
+        crate::discovery::Addresses::Static(
+            self.customer_addrs()
+                .into_iter()
+                .map(|(id, addr)| (id, format!("http://{addr}")))
+                .collect(),
+        )
+    }
+
     /// Every branch's local balance (after a write, all converge to one value).
     pub fn local_balances(&self) -> BTreeMap<NodeId, u64> {
         self.branches

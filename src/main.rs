@@ -488,13 +488,7 @@ async fn run(
     let result = async {
         cluster.wait_ready(Duration::from_secs(60)).await?;
         let ready = started.elapsed();
-        let addresses = Addresses::Static(
-            cluster
-                .customer_addrs()
-                .into_iter()
-                .map(|(id, addr)| (id, format!("http://{addr}")))
-                .collect(),
-        );
+        let addresses = cluster.customer_addresses();
         let clients = BranchClients::new(&addresses, &branch_ids, Duration::from_secs(2))?;
         // The same health check the probes use; it also opens every connection in parallel.
         replay::wait_until_serving(&clients, Duration::from_secs(10)).await?;

@@ -146,29 +146,7 @@ async fn every_branch_reports_serving_over_grpc_health() {
 async fn health_is_not_serving_before_the_cluster_has_formed() {
     // Start one branch of a three-branch membership whose peers never come up: it can never
     // answer linearizably, so it must not claim to be ready.
-    use distbank::branch::{self, BranchConfig};
-    let customer = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = customer.local_addr().expect("addr");
-    let config = BranchConfig {
-        id: 1,
-        initial_balance: 0,
-        members: [
-            (1, peer.local_addr().expect("addr").to_string()),
-            (2, "127.0.0.1:1".into()),
-            (3, "127.0.0.1:1".into()),
-        ]
-        .into_iter()
-        .collect(),
-        voters: 3,
-        timing: Default::default(),
-        request_timeout: Duration::from_millis(300),
-        data_dir: None,
-    };
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = branch::start(config, customer, peer, shutdown.clone())
-        .await
-        .expect("starts");
+    let (running, addr, shutdown) = start_branch_without_quorum(Duration::from_millis(300)).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("url")
         .connect_lazy();
@@ -193,29 +171,8 @@ async fn health_is_not_serving_before_the_cluster_has_formed() {
 async fn requests_beyond_the_per_connection_limit_get_resource_exhausted() {
     // A branch without quorum holds every write until its request timeout, so requests pile up
     // on one connection; those past the limit must be refused at once, not queued.
-    use distbank::branch::{self, BranchConfig, MAX_CUSTOMER_REQUESTS_PER_CONNECTION};
-    let customer = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = customer.local_addr().expect("addr");
-    let config = BranchConfig {
-        id: 1,
-        initial_balance: 0,
-        members: [
-            (1, peer.local_addr().expect("addr").to_string()),
-            (2, "127.0.0.1:1".into()),
-            (3, "127.0.0.1:1".into()),
-        ]
-        .into_iter()
-        .collect(),
-        voters: 3,
-        timing: Default::default(),
-        request_timeout: Duration::from_secs(300),
-        data_dir: None,
-    };
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = branch::start(config, customer, peer, shutdown.clone())
-        .await
-        .expect("starts");
+    use distbank::branch::MAX_CUSTOMER_REQUESTS_PER_CONNECTION;
+    let (running, addr, shutdown) = start_branch_without_quorum(Duration::from_secs(300)).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("url")
         .connect_lazy();
@@ -243,4 +200,39 @@ async fn requests_beyond_the_per_connection_limit_get_resource_exhausted() {
     shutdown.cancel();
     tasks.abort_all();
     running.join().await.expect("clean shutdown");
+}
+
+/// Branch 1 of a three-branch membership whose peers never come up: no quorum, so every write
+/// waits for `request_timeout` and health never turns SERVING.
+async fn start_branch_without_quorum(
+    request_timeout: Duration,
+) -> (
+    distbank::branch::RunningBranch,
+    std::net::SocketAddr,
+    tokio_util::sync::CancellationToken,
+) {
+    use distbank::branch::{self, BranchConfig};
+    let customer = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = customer.local_addr().expect("addr");
+    let config = BranchConfig {
+        id: 1,
+        initial_balance: 0,
+        members: [
+            (1, peer.local_addr().expect("addr").to_string()),
+            (2, "127.0.0.1:1".into()),
+            (3, "127.0.0.1:1".into()),
+        ]
+        .into_iter()
+        .collect(),
+        voters: 3,
+        timing: Default::default(),
+        request_timeout,
+        data_dir: None,
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = branch::start(config, customer, peer, shutdown.clone())
+        .await
+        .expect("starts");
+    (running, addr, shutdown)
 }
