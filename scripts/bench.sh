@@ -5,6 +5,10 @@
 #   scripts/bench.sh            full suite, release build (~5 min); prints a markdown table
 #   scripts/bench.sh --smoke    seconds, debug build: every workload kind once, tiny, so the bench
 #                               code paths cannot rot (the README's test command runs this)
+#   scripts/bench.sh --soak [S] the soak (reliability issue): S seconds (default 600) of steady
+#                               concurrent load (64 clients, 5 branches, release build); prints the
+#                               RSS/throughput timeline every 30 s and RSS at start and end; fails
+#                               on any error
 #
 # Env: BASELINE_DIR (default ../shared/baseline), DISTBANK_PYTHON (a python with grpcio 1.64 and
 # grpcio-tools; default the test venv), BENCH_CONCURRENT_SECONDS (default 30), GHZ (path to ghz;
@@ -13,8 +17,13 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
 
-smoke=0
-[[ ${1:-} == --smoke ]] && smoke=1
+smoke=0 soak=0
+case ${1:-} in
+  --smoke) smoke=1 ;;
+  --soak) soak=${2:-600} ;;
+  "") ;;
+  *) echo "usage: scripts/bench.sh [--smoke | --soak [SECONDS]]" >&2; exit 2 ;;
+esac
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/distbank"
@@ -31,6 +40,14 @@ else
   bin=$root/target/release/distbank
 fi
 export RUST_LOG=error
+
+if ((soak)); then
+  step "soak: 64 clients, 5 branches, ${soak} s of steady load (closed loop), samples every 30 s"
+  "$bin" bench --concurrent 64 --branches 5 --duration "$soak" --sample-every 30 | tee "$work/soak.txt"
+  errors=$(awk '/^bench concurrent/ {print $(NF-1)}' "$work/soak.txt")
+  [[ $errors == 0 ]] || { echo "soak: $errors errors" >&2; exit 1; }
+  exit 0
+fi
 
 rows=()  # markdown table rows: workload | distbank | original | ratio
 median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) exit 1; print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
@@ -99,7 +116,7 @@ if ((smoke)); then
   row "course 50 branches" "$ours" "" ""
   ours_bench "generated" --generate 5x60 --runs 1
   step "distbank: concurrent (smoke)"
-  "$bin" bench --concurrent 8 --branches 3 --duration 1 >&2 2>/dev/null
+  "$bin" bench --concurrent 8 --branches 3 --duration 2 --sample-every 0.5 >&2 2>/dev/null
 else
   ours_bench "course 50" tests/fixtures/course_50_input.json --runs 5 --expect tests/fixtures/course_50_output.json
   theirs_bench "$root/tests/fixtures/course_50_input.json" 3 "$root/tests/fixtures/course_50_output.json"

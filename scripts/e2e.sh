@@ -15,6 +15,10 @@
 #      RBAC are exercised); wait for every branch to be SERVING (`distbank health-check` in the
 #      container, the probe's gRPC health check); run the Job's pod; fetch output.json with
 #      `distbank fetch-output` (README) and compare it with the expected output;
+#   TLS: the small case runs with mutual TLS between branches and TLS on the customer API
+#   (certificates from a CA made here with openssl, in a kubernetes.io/tls Secret as cert-manager
+#   would write it); the probes use the plaintext health port, the Job verifies the branches with
+#   the Secret's ca.crt, and a plaintext call to a branch's customer port must fail;
 #   4. faults: in the course case one branch container is removed right after the replay starts
 #      and its (new, controller-made) Pod is run again under the same name with a new IP; the
 #      replay must still give the expected output. RBAC: the Job's own token may get/create/patch
@@ -183,11 +187,32 @@ new_pod() {
 
 container_ip() { podman inspect --format "{{(index .NetworkSettings.Networks \"$NET\").IPAddress}}" "$1"; }
 
+# make_tls_secret NAME HEADLESS: a CA and one certificate for every branch
+# (*.<headless>.<ns>.svc.cluster.local, server and client auth), as a kubernetes.io/tls Secret.
+make_tls_secret() {
+  local dir="$STATE/$NS-tls" san
+  mkdir -p "$dir"
+  san="DNS:*.$2.$NS.svc.cluster.local"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=distbank e2e CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$2" \
+    -keyout "$dir/tls.key" -out "$dir/tls.csr" 2>/dev/null
+  printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n' \
+    "$san" >"$dir/ext.cnf"
+  openssl x509 -req -in "$dir/tls.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial -days 2 \
+    -extfile "$dir/ext.cnf" -out "$dir/tls.crt" 2>/dev/null
+  k create secret generic "$1" --type=kubernetes.io/tls --from-file=tls.crt="$dir/tls.crt" \
+    --from-file=tls.key="$dir/tls.key" --from-file=ca.crt="$dir/ca.crt" >/dev/null
+  log "TLS: Secret $1 with a certificate for $san"
+}
+
 run_case() {
-  local case="$1" input expected fault=0
+  local case="$1" input expected fault=0 tls=0
   case "$case" in
     course) input="$ROOT/tests/fixtures/course_50_input.json"; expected="$ROOT/tests/fixtures/course_50_output.json"; fault=1 ;;
     small)
+      tls=1
       input="$ROOT/examples/input.json"
       expected="$STATE/small_expected.json"
       "$DISTBANK" run "$input" --output "$expected" >/dev/null ;;
@@ -206,6 +231,8 @@ run_case() {
     --set "image.repository=${IMAGE%:*}" --set "image.tag=${IMAGE##*:}")
   # Debug logs of the replay's retries: they show the fault landed mid-replay.
   [[ $fault -eq 1 ]] && helm_args+=(--set "replay.rustLog=info\,distbank::replay=debug")
+  [[ $tls -eq 1 ]] && helm_args+=(--set tls.peer.enabled=true --set "tls.peer.secretName=$RELEASE-tls"
+    --set tls.customer.enabled=true --set "tls.customer.secretName=$RELEASE-tls")
   helm "${helm_args[@]}" >"$STATE/$NS-helm.out" 2>"$STATE/$NS-helm.err" ||
     { cat "$STATE/$NS-helm.err" >&2; die "helm install failed"; }
   # API-server warnings (deprecations, Pod Security "would violate", unknown fields) reach stderr.
@@ -222,6 +249,7 @@ run_case() {
   job="$(k get job -l "app.kubernetes.io/instance=$RELEASE" -o jsonpath='{.items[0].metadata.name}')"
   k get statefulset "$sts" -o json >"$STATE/$NS-statefulset.json"
   k get job "$job" -o json >"$STATE/$NS-job.json"
+  [[ $tls -eq 1 ]] && make_tls_secret "$RELEASE-tls" "$(k get statefulset "$sts" -o jsonpath='{.spec.serviceName}')"
   wait_for "the StatefulSet controller's $n pods" pods_created branch "$n"
   wait_for "the Job controller's pod" pods_created replay 1
   local i pod c
@@ -240,6 +268,19 @@ run_case() {
   for ((i = 0; i < n; i++)); do
     wait_for "$sts-$i SERVING" serving "${NS}_$sts-$i" "$probe_port"
   done
+  if [[ $tls -eq 1 ]]; then
+    local fqdn="$sts-0.$(k get statefulset "$sts" -o jsonpath='{.spec.serviceName}').$NS.svc.cluster.local"
+    [[ "$probe_port" != "$(k get statefulset "$sts" -o jsonpath='{.spec.template.spec.containers[0].ports[0].containerPort}')" ]] ||
+      die "with customer TLS the probes still use the customer port"
+    # Plaintext to the customer port must fail; TLS verified with the Secret's CA must work.
+    ! podman exec "${NS}_$sts-0" /usr/local/bin/distbank health-check --addr-template "1=http://$fqdn:50051" \
+      --count 1 --timeout 3 >/dev/null 2>&1 || die "a plaintext call to the TLS customer port succeeded"
+    podman exec -e DISTBANK_TLS_CA=/etc/distbank-tls/customer/ca.crt "${NS}_$sts-0" /usr/local/bin/distbank \
+      health-check --addr-template "1=https://$fqdn:50051" --count 1 --timeout 10 >/dev/null ||
+      die "a TLS health check with the Secret's CA failed"
+    grep -q '"peer_tls":true' <(podman logs "${NS}_$sts-0" 2>&1) || die "$sts-0 did not start with peer TLS"
+    log "TLS: plaintext refused on the customer port, TLS verified by the CA, peers on mutual TLS"
+  fi
   phase_done "[$case] all $n branches SERVING"
 
   phase "[$case] replay Job"

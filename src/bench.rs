@@ -55,6 +55,8 @@ pub async fn run_once(
         replay::wait_until_serving(&clients, Duration::from_secs(10)).await?;
         let start = started.elapsed();
         let (outputs, timings) = replay::replay_timed(input, &clients, replay_options).await?;
+        // As `distbank run` does: every replica has the final balance before the stop.
+        local.wait_converged(Duration::from_secs(10)).await;
         let rendered = output::render(&outputs);
         Ok::<_, BenchError>((start, started.elapsed() - start, timings, rendered))
     }
@@ -232,29 +234,66 @@ pub fn generated_input(branches: u64, events: u64, seed: u64) -> Input {
     }
 }
 
-/// Figures of a concurrent throughput run.
+/// Figures of one concurrent run.
 #[derive(Debug, Clone)]
 pub struct ConcurrentFigures {
     pub clients: usize,
     pub branches: u64,
     pub elapsed: Duration,
+    /// Every answered operation.
+    pub operations: u64,
+    /// A uniform sample of the answered operations' latencies (at most
+    /// [`LATENCY_SAMPLES_PER_CLIENT`] per client, so a long soak keeps the harness's memory flat).
     pub timings: Vec<EventTiming>,
     pub errors: u64,
+    /// The process's resident memory (all branches and the clients) over time.
+    pub samples: Vec<Sample>,
+}
+
+/// One point of a concurrent run's timeline.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub at: Duration,
+    /// Operations answered and failed since the previous sample.
+    pub operations: u64,
+    pub errors: u64,
+    pub rss_kib: Option<u64>,
+    /// The idempotency table's size on branch 1 (bounded by `account::IDEMPOTENCY_WINDOW`).
+    pub recorded_events: usize,
+}
+
+pub const LATENCY_SAMPLES_PER_CLIENT: usize = 20_000;
+
+/// Resident set size of this process now, in KiB (Linux `VmRSS`), if known.
+pub fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// `clients` concurrent customers send random operations (event ids, so retries are safe) to
-/// random branches of a fresh `branches`-branch cluster for `duration`.
+/// random branches of a fresh `branches`-branch cluster for `duration`, at full speed (a closed
+/// loop: each client sends its next operation when the previous one is answered). Every
+/// `sample_every` the process's RSS and the throughput are recorded (and, with `progress`,
+/// printed to stderr, so a long soak shows it is alive).
 pub async fn run_concurrent(
     clients: usize,
     branches: u64,
     duration: Duration,
+    sample_every: Duration,
+    progress: bool,
     cluster: &ClusterOptions,
 ) -> Result<ConcurrentFigures, BenchError> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     use crate::account::Operation;
     use crate::input::Event;
 
     let ids: Vec<u64> = (1..=branches.max(1)).collect();
     let local = LocalCluster::start(&ids, 1_000_000, cluster).await?;
+    let answered = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
     let result = async {
         local.wait_ready(Duration::from_secs(60)).await?;
         let addresses = local.customer_addresses();
@@ -268,6 +307,7 @@ pub async fn run_concurrent(
                 let handles = clients_handle.clone();
                 let options = options.clone();
                 let branch_count = ids.len() as u64;
+                let (answered, failed) = (answered.clone(), failed.clone());
                 tokio::spawn(async move {
                     let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ (client as u64 + 1);
                     let mut next = move |bound: u64| {
@@ -277,8 +317,7 @@ pub async fn run_concurrent(
                         state.wrapping_mul(0x2545_f491_4f6c_dd1d) % bound.max(1)
                     };
                     let mut timings = Vec::new();
-                    let mut errors = 0u64;
-                    let mut n = 0u64;
+                    let (mut n, mut seen) = (0u64, 0u64);
                     while Instant::now() < deadline {
                         let branch = 1 + next(branch_count);
                         let Some(mut bank) = handles.bank_client(branch) else {
@@ -296,38 +335,91 @@ pub async fn run_concurrent(
                         n += 1;
                         let sent = Instant::now();
                         match replay::send_event(&mut bank, branch, &event, &options).await {
-                            Ok(_) => timings.push(EventTiming {
-                                operation,
-                                latency: sent.elapsed(),
-                            }),
-                            Err(_) => errors += 1,
+                            Ok(_) => {
+                                answered.fetch_add(1, Ordering::Relaxed);
+                                seen += 1;
+                                let timing = EventTiming {
+                                    operation,
+                                    latency: sent.elapsed(),
+                                };
+                                // Reservoir sampling (Algorithm R): a uniform sample of all
+                                // this client's answers in bounded memory.
+                                if timings.len() < LATENCY_SAMPLES_PER_CLIENT {
+                                    timings.push(timing);
+                                } else {
+                                    let slot = next(seen) as usize;
+                                    if slot < LATENCY_SAMPLES_PER_CLIENT {
+                                        timings[slot] = timing;
+                                    }
+                                }
+                            }
+                            Err(_) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
-                    (timings, errors)
+                    timings
                 })
             })
             .collect();
+        let stop_sampling = tokio_util::sync::CancellationToken::new();
+        let sampler = {
+            let (answered, failed) = (answered.clone(), failed.clone());
+            let first = local.branches().first().map(|b| b.branch.clone());
+            let stop = stop_sampling.clone();
+            async move {
+                let mut samples = Vec::new();
+                let (mut last_answered, mut last_failed) = (0, 0);
+                let mut tick =
+                    tokio::time::interval_at(tokio::time::Instant::from_std(started + sample_every), sample_every);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.cancelled() => break,
+                    }
+                    let at = started.elapsed();
+                    let (now_answered, now_failed) = (answered.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+                    let sample = Sample {
+                        at,
+                        operations: now_answered - last_answered,
+                        errors: now_failed - last_failed,
+                        rss_kib: rss_kib(),
+                        recorded_events: first.as_ref().map_or(0, |b| b.recorded_events()),
+                    };
+                    (last_answered, last_failed) = (now_answered, now_failed);
+                    if progress {
+                        eprintln!("{}", sample_line(&sample, sample_every));
+                    }
+                    samples.push(sample);
+                }
+                samples
+            }
+        };
+        let sampler = tokio::spawn(sampler);
         let mut timings = Vec::new();
-        let mut errors = 0;
         for task in tasks {
-            if let Ok((t, e)) = task.await {
+            if let Ok(t) = task.await {
                 timings.extend(t);
-                errors += e;
             } else {
-                errors += 1;
+                failed.fetch_add(1, Ordering::Relaxed);
             }
         }
-        Ok::<_, BenchError>((started.elapsed(), timings, errors))
+        let elapsed = started.elapsed();
+        stop_sampling.cancel();
+        let samples = sampler.await.unwrap_or_default();
+        Ok::<_, BenchError>((elapsed, timings, samples))
     }
     .await;
     local.shutdown().await?;
-    let (elapsed, timings, errors) = result?;
+    let (elapsed, timings, samples) = result?;
     Ok(ConcurrentFigures {
         clients,
         branches,
         elapsed,
+        operations: answered.load(std::sync::atomic::Ordering::Relaxed),
         timings,
-        errors,
+        errors: failed.load(std::sync::atomic::Ordering::Relaxed),
+        samples,
     })
 }
 
@@ -356,7 +448,7 @@ fn latency_lines(out: &mut String, timings: &[EventTiming]) {
 /// The report of a concurrent run.
 pub fn concurrent_report(figures: &ConcurrentFigures, cpu: Option<Duration>) -> String {
     let mut out = String::new();
-    let ops = figures.timings.len();
+    let ops = figures.operations;
     let _ = writeln!(
         out,
         "bench concurrent: {} clients, {} branches, {:.1} s: {ops} operations, {:.0} ops/s, {} errors",
@@ -366,6 +458,13 @@ pub fn concurrent_report(figures: &ConcurrentFigures, cpu: Option<Duration>) -> 
         ops as f64 / figures.elapsed.as_secs_f64().max(1e-9),
         figures.errors
     );
+    if figures.timings.len() as u64 != ops {
+        let _ = writeln!(
+            out,
+            "  latencies from a uniform sample of {} operations",
+            figures.timings.len()
+        );
+    }
     latency_lines(&mut out, &figures.timings);
     let mut all: Vec<Duration> = figures.timings.iter().map(|t| t.latency).collect();
     all.sort();
@@ -381,7 +480,47 @@ pub fn concurrent_report(figures: &ConcurrentFigures, cpu: Option<Duration>) -> 
     if let Some(cpu) = cpu {
         let _ = writeln!(out, "  CPU time {:.0} ms", ms(cpu));
     }
+    if let [first, .., _] = figures.samples.as_slice() {
+        let every = first.at;
+        let _ = writeln!(out, "  timeline (every {:.0} s):", every.as_secs_f64());
+        for sample in &figures.samples {
+            let _ = writeln!(out, "  {}", sample_line(sample, every));
+        }
+    }
+    let rss: Vec<(Duration, u64)> = figures
+        .samples
+        .iter()
+        .filter_map(|s| s.rss_kib.map(|r| (s.at, r)))
+        .collect();
+    if let (Some(first), Some(last)) = (rss.first(), rss.last()) {
+        let max = rss.iter().map(|(_, r)| *r).max().unwrap_or(last.1);
+        let window_ops: Vec<u64> = figures.samples.iter().map(|s| s.operations).collect();
+        let _ = writeln!(
+            out,
+            "  RSS at {:.0} s {:.1} MiB, at {:.0} s {:.1} MiB (max {:.1} MiB, change {:+.1} MiB); ops per sample min {} max {}",
+            first.0.as_secs_f64(),
+            first.1 as f64 / 1024.0,
+            last.0.as_secs_f64(),
+            last.1 as f64 / 1024.0,
+            max as f64 / 1024.0,
+            (last.1 as f64 - first.1 as f64) / 1024.0,
+            window_ops.iter().min().copied().unwrap_or(0),
+            window_ops.iter().max().copied().unwrap_or(0),
+        );
+    }
     out
+}
+
+/// One timeline line: time, throughput in the window, errors, RSS, idempotency-table size.
+pub fn sample_line(sample: &Sample, every: Duration) -> String {
+    format!(
+        "  t={:>6.0} s  {:>7.0} ops/s  errors {:<4} RSS {:>7.1} MiB  recorded event ids {}",
+        sample.at.as_secs_f64(),
+        sample.operations as f64 / every.as_secs_f64().max(1e-9),
+        sample.errors,
+        sample.rss_kib.unwrap_or(0) as f64 / 1024.0,
+        sample.recorded_events
+    )
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tracing::Instrument as _;
 
@@ -39,7 +40,8 @@ use crate::replication::store::{StateMachine, Storage};
 use crate::replication::{NodeId, Proposal, Raft, RaftTiming, raft_config};
 use crate::service::bank::BankService;
 use crate::service::peer::PeerService;
-use crate::{metrics, telemetry};
+use crate::transport::{PeerTls, TlsError};
+use crate::{metrics, telemetry, transport};
 
 /// Customer requests one connection may have in flight; more are refused with
 /// RESOURCE_EXHAUSTED. Below HTTP/2's default stream limit (200), so the limit is what bites.
@@ -64,6 +66,16 @@ pub struct BranchConfig {
     pub request_timeout: Duration,
     /// Where the consensus state is kept across restarts; `None` = in memory only.
     pub data_dir: Option<PathBuf>,
+    pub tls: BranchTls,
+}
+
+/// Optional TLS on a branch's listeners and peer connections.
+#[derive(Debug, Clone, Default)]
+pub struct BranchTls {
+    /// Mutual TLS on the peer API and on this branch's calls to peers.
+    pub peer: Option<PeerTls>,
+    /// Server TLS on the customer API (health included; see [`start_with_health`]).
+    pub customer: Option<ServerTlsConfig>,
 }
 
 impl BranchConfig {
@@ -92,6 +104,8 @@ pub enum BranchError {
     },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// Consensus could not be reached in time (no leader, no quorum, peers unreachable). The
     /// request may still take effect: retry it with the same event id.
     #[error("not available: {0}")]
@@ -269,10 +283,10 @@ impl Branch {
             operation: operation as i32,
             amount,
         });
-        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        request.set_timeout(timeout);
         telemetry::inject_metadata(request.metadata_mut());
-        let reply = client
-            .submit(request)
+        let reply = transport::with_deadline(timeout, client.submit(request))
             .await
             .map_err(|status| format!("forwarding to leader {leader}: {}", status.message()))?
             .into_inner();
@@ -351,9 +365,9 @@ impl Branch {
     async fn forward_read_index(&self, leader: NodeId, deadline: Instant) -> Result<Option<u64>, String> {
         let mut client = self.peer_client(leader)?;
         let mut request = tonic::Request::new(proto::peer::ReadIndexRequest {});
-        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
-        let reply = client
-            .read_index(request)
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        request.set_timeout(timeout);
+        let reply = transport::with_deadline(timeout, client.read_index(request))
             .await
             .map_err(|status| format!("read index from leader {leader}: {}", status.message()))?;
         Ok(reply.into_inner().read_index)
@@ -377,7 +391,18 @@ impl Branch {
             .map_err(|e| format!("bad address {addr} for branch {target}: {e}"))
     }
 
-    async fn wait_applied(&self, index: u64, deadline: Instant) -> Result<(), BranchError> {
+    /// Index of the last entry this replica has applied.
+    pub fn last_applied_index(&self) -> Option<u64> {
+        self.inner.state.last_applied_index()
+    }
+
+    /// The size of this replica's idempotency table (event ids with a recorded result).
+    pub fn recorded_events(&self) -> usize {
+        self.inner.state.recorded_events()
+    }
+
+    /// Waits until this replica has applied the entry at `index`.
+    pub async fn wait_applied(&self, index: u64, deadline: Instant) -> Result<(), BranchError> {
         if self.inner.state.last_applied_index() >= Some(index) {
             return Ok(());
         }
@@ -444,6 +469,18 @@ pub async fn start(
     peer: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<RunningBranch, BranchError> {
+    start_with_health(config, customer, peer, None, shutdown).await
+}
+
+/// [`start`], also serving `grpc.health.v1` alone, in plaintext, on `health`: Kubernetes' gRPC
+/// probes cannot speak TLS, so a branch with customer TLS needs a port they can reach.
+pub async fn start_with_health(
+    config: BranchConfig,
+    customer: TcpListener,
+    peer: TcpListener,
+    health_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<RunningBranch, BranchError> {
     if !config.members.contains_key(&config.id) {
         return Err(BranchError::NotAMember {
             id: config.id,
@@ -474,7 +511,12 @@ pub async fn start(
         }
     };
     let state = storage.state.clone();
-    let peers = PeerChannels::new(config.id, Duration::from_secs(2), config.members.clone());
+    let peers = PeerChannels::new(
+        config.id,
+        Duration::from_secs(2),
+        config.members.clone(),
+        config.tls.peer.as_ref().map(|tls| tls.client.clone()),
+    );
     let raft = Raft::new(
         config.id,
         Arc::new(raft_config(config.timing)?),
@@ -517,6 +559,9 @@ pub async fn start(
         }),
     };
 
+    // TLS settings are checked before anything starts, so a bad certificate is a start error.
+    let customer_builder = server_builder(config.tls.customer.as_ref(), "customer API")?;
+    let peer_builder = server_builder(config.tls.peer.as_ref().map(|tls| &tls.server), "peer API")?;
     let (health, health_service) = tonic_health::server::health_reporter();
     // Liveness: the process serves gRPC. Readiness ("", "readiness", and the Bank service):
     // the branch can answer linearizably; not before it has caught up.
@@ -528,8 +573,11 @@ pub async fn start(
     let task = tokio::spawn(serve(
         config,
         branch.clone(),
-        customer,
-        peer,
+        Listeners {
+            customer: (customer, customer_builder),
+            peer: (peer, peer_builder),
+            health: health_listener,
+        },
         health,
         health_service,
         ready_tx,
@@ -555,17 +603,39 @@ pub async fn run(
     start(config, customer, peer, shutdown).await?.join().await
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A branch's listeners, each with its server builder (TLS already applied).
+struct Listeners {
+    customer: (TcpListener, Server),
+    peer: (TcpListener, Server),
+    health: Option<TcpListener>,
+}
+
+/// A server builder, with `tls` when given; a certificate or key that does not parse fails here.
+fn server_builder(tls: Option<&ServerTlsConfig>, what: &'static str) -> Result<Server, TlsError> {
+    let builder = Server::builder();
+    match tls {
+        None => Ok(builder),
+        Some(tls) => builder.tls_config(tls.clone()).map_err(|source| TlsError::Config {
+            what: format!("{what} server TLS"),
+            source,
+        }),
+    }
+}
+
 async fn serve(
     config: BranchConfig,
     branch: Branch,
-    customer: TcpListener,
-    peer: TcpListener,
+    listeners: Listeners,
     health: tonic_health::server::HealthReporter,
     health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     ready: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) -> Result<(), BranchError> {
+    let Listeners {
+        customer: (customer, customer_builder),
+        peer: (peer, mut peer_builder),
+        health: health_listener,
+    } = listeners;
     // Accepted sockets need nodelay explicitly: serve_with_incoming ignores the builder's
     // setting, and Nagle's algorithm adds ~40 ms to small replies.
     let customer_incoming = TcpIncoming::from(customer).with_nodelay(Some(true));
@@ -574,12 +644,12 @@ async fn serve(
     let customer_stop = CancellationToken::new();
     let peer_stop = CancellationToken::new();
     let customer_server = tokio::spawn(
-        tonic::transport::Server::builder()
+        customer_builder
             // Bounded work per connection: past the limit a request is refused at once with
             // RESOURCE_EXHAUSTED (retryable) instead of queueing without bound.
             .concurrency_limit_per_connection(MAX_CUSTOMER_REQUESTS_PER_CONNECTION)
             .load_shed(true)
-            .add_service(health_service)
+            .add_service(health_service.clone())
             .add_service(
                 BankServer::new(BankService::new(branch.clone()))
                     .max_decoding_message_size(MAX_CUSTOMER_MESSAGE)
@@ -588,7 +658,7 @@ async fn serve(
             .serve_with_incoming_shutdown(customer_incoming, customer_stop.clone().cancelled_owned()),
     );
     let peer_server = tokio::spawn(
-        tonic::transport::Server::builder()
+        peer_builder
             .add_service(
                 PeerServer::new(PeerService::new(branch.clone()))
                     .max_decoding_message_size(MAX_PEER_MESSAGE)
@@ -596,6 +666,18 @@ async fn serve(
             )
             .serve_with_incoming_shutdown(peer_incoming, peer_stop.clone().cancelled_owned()),
     );
+    // The probe port lives as long as the process: liveness must answer during the drain.
+    let health_stop = CancellationToken::new();
+    let health_server = health_listener.map(|listener| {
+        tokio::spawn(
+            Server::builder()
+                .add_service(health_service)
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    health_stop.clone().cancelled_owned(),
+                ),
+        )
+    });
 
     let background = CancellationToken::new();
     let membership_task = tokio::spawn(manage_membership(config.clone(), branch.clone(), background.clone()));
@@ -625,7 +707,12 @@ async fn serve(
     }
     peer_stop.cancel();
     let peer_result = peer_server.await;
-    for result in [customer_result, peer_result] {
+    health_stop.cancel();
+    let mut results = vec![customer_result, peer_result];
+    if let Some(server) = health_server {
+        results.push(server.await);
+    }
+    for result in results {
         match result {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(BranchError::Serve(e)),

@@ -98,6 +98,7 @@ impl LocalCluster {
                 timing: options.timing,
                 request_timeout: options.request_timeout,
                 data_dir: None,
+                tls: Default::default(),
             };
             let running = branch::start(config, customer, peer, shutdown.child_token())
                 .await
@@ -150,6 +151,18 @@ impl LocalCluster {
             .iter()
             .map(|b| (b.branch.id(), b.branch.local_balance()))
             .collect()
+    }
+
+    /// Waits until every replica has applied everything any of them has applied, so all show
+    /// one balance (and, with tracing, every apply span exists before the spans are flushed).
+    /// False if `timeout` passed first.
+    pub async fn wait_converged(&self, timeout: Duration) -> bool {
+        let Some(target) = self.branches.iter().filter_map(|b| b.branch.last_applied_index()).max() else {
+            return true;
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let all = futures::future::join_all(self.branches.iter().map(|b| b.branch.wait_applied(target, deadline)));
+        all.await.iter().all(Result::is_ok)
     }
 
     /// The token that stops every branch; cancel it from a signal handler.

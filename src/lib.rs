@@ -46,6 +46,7 @@ pub mod replay;
 pub mod replication;
 pub mod service;
 pub mod telemetry;
+pub mod transport;
 
 /// The original implementation's port scheme: branch N listens on `BASE_PORT + N`.
 pub const BASE_PORT: u16 = 50050;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
-use distbank::branch::BranchConfig;
+use distbank::branch::{BranchConfig, BranchTls};
 use distbank::cluster::{ClusterOptions, LocalCluster};
 use distbank::discovery::{self, Addresses};
 use distbank::input::{Input, InputError};
@@ -98,9 +98,13 @@ enum Command {
         /// Branches for --concurrent.
         #[arg(long, env = "DISTBANK_BENCH_BRANCHES", default_value_t = 5)]
         branches: u64,
-        /// Seconds for --concurrent.
+        /// Seconds for --concurrent (a soak: e.g. 600).
         #[arg(long, env = "DISTBANK_BENCH_DURATION", default_value_t = 30.0)]
         duration: f64,
+        /// With --concurrent: record RSS and throughput every this many seconds (printed live to
+        /// stderr and in the report). Default: a tenth of --duration, between 1 and 60 s.
+        #[arg(long, env = "DISTBANK_BENCH_SAMPLE_EVERY")]
+        sample_every: Option<f64>,
         /// Also write the generated input (course format) here, e.g. to run the original on it.
         #[arg(long, env = "DISTBANK_BENCH_SAVE_INPUT", requires = "generate")]
         save_input: Option<PathBuf>,
@@ -138,6 +142,8 @@ enum Command {
         upload_configmap: Option<String>,
         #[command(flatten)]
         replay: ReplayArgs,
+        #[command(flatten)]
+        tls: ClientTlsArgs,
     },
     /// Fetch output.json from the ConfigMap the replay Job uploaded it to (kubeconfig or
     /// in-cluster credentials); handles both the plain and the gzip form.
@@ -165,6 +171,8 @@ enum Command {
         /// Seconds to wait for SERVING.
         #[arg(long, env = "DISTBANK_WAIT_TIMEOUT", default_value_t = 30)]
         timeout: u64,
+        #[command(flatten)]
+        tls: ClientTlsArgs,
     },
 }
 
@@ -224,8 +232,36 @@ struct BranchArgs {
     /// everything in memory and rejoins empty after a restart.
     #[arg(long, env = "DISTBANK_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Mutual TLS between branches: a directory with tls.crt, tls.key and ca.crt (a mounted
+    /// Kubernetes TLS Secret, e.g. from cert-manager). The peer API then accepts only clients
+    /// with a certificate from that CA, and this branch presents its own to its peers.
+    #[arg(long, env = "DISTBANK_PEER_TLS_DIR")]
+    peer_tls_dir: Option<PathBuf>,
+    /// TLS on the customer API: a directory with tls.crt and tls.key.
+    #[arg(long, env = "DISTBANK_CUSTOMER_TLS_DIR")]
+    customer_tls_dir: Option<PathBuf>,
+    /// Also serve gRPC health alone, in plaintext, here (Kubernetes' gRPC probes cannot speak
+    /// TLS: use it for the probes when the customer API has TLS).
+    #[arg(long, env = "DISTBANK_HEALTH_LISTEN")]
+    health_listen: Option<SocketAddr>,
     #[command(flatten)]
     consensus: ConsensusArgs,
+}
+
+/// How the replay and the health check reach branches whose customer API has TLS.
+#[derive(Args, Clone)]
+struct ClientTlsArgs {
+    /// Verify the branches' customer-API certificates with this CA (PEM) and connect over TLS.
+    #[arg(long, env = "DISTBANK_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    fn config(&self) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+        let Some(path) = &self.tls_ca else { return Ok(None) };
+        let ca = distbank::transport::read_ca(path).map_err(|e| UsageError(format!("--tls-ca: {e}")))?;
+        Ok(Some(tonic::transport::ClientTlsConfig::new().ca_certificate(ca)))
+    }
 }
 
 impl ConsensusArgs {
@@ -365,7 +401,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     Ok((id, format!("http://{host}:{port}")))
                 })
                 .collect::<Result<_, UsageError>>()?;
-            replay_to_file(&input_data, &Addresses::Static(list), &output, &replay, None).await
+            replay_to_file(&input_data, &Addresses::Static(list), &output, &replay, None, None).await
         }
         Command::Branch(args) => branch(args).await,
         Command::Bench {
@@ -375,6 +411,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             concurrent,
             branches,
             duration,
+            sample_every,
             runs,
             expect,
             consensus,
@@ -382,10 +419,27 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         } => {
             if let Some(clients) = concurrent {
                 let options = consensus.cluster_options(IpAddr::from([127, 0, 0, 1]), None);
+                if !(duration.is_finite() && duration > 0.0) {
+                    bail!(UsageError(format!(
+                        "--duration {duration}: must be a positive number of seconds"
+                    )));
+                }
+                let every = sample_every.unwrap_or((duration / 10.0).clamp(1.0, 60.0));
+                if !(every.is_finite() && every > 0.0) {
+                    bail!(UsageError(format!(
+                        "--sample-every {every}: must be a positive number of seconds"
+                    )));
+                }
                 let cpu_before = distbank::bench::cpu_time();
-                let figures =
-                    distbank::bench::run_concurrent(clients, branches, Duration::from_secs_f64(duration), &options)
-                        .await?;
+                let figures = distbank::bench::run_concurrent(
+                    clients,
+                    branches,
+                    Duration::from_secs_f64(duration),
+                    Duration::from_secs_f64(every),
+                    true,
+                    &options,
+                )
+                .await?;
                 let cpu = distbank::bench::cpu_time()
                     .zip(cpu_before)
                     .map(|(a, b)| a.saturating_sub(b));
@@ -419,11 +473,13 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             wait_timeout,
             upload_configmap,
             replay,
+            tls,
         } => {
             let addresses = branch_addresses(&branch_addr, id_offset)?;
             let input_data = distbank::input::load(&input)?;
             let wait = Some(Duration::from_secs(wait_timeout));
-            replay_to_file(&input_data, &addresses, &output, &replay, wait).await?;
+            let tls = tls.config()?;
+            replay_to_file(&input_data, &addresses, &output, &replay, wait, tls.as_ref()).await?;
             if let Some(name) = upload_configmap {
                 upload(&output, &name).await?;
             }
@@ -450,6 +506,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             count,
             id_offset,
             timeout,
+            tls,
         } => {
             let addresses = branch_addresses(&addr_template, id_offset)?;
             let ids: Vec<u64> = match (&addresses, count) {
@@ -459,8 +516,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     bail!(UsageError("--count is required with an address template".into()))
                 }
             };
-            let clients =
-                BranchClients::new(&addresses, &ids, Duration::from_secs(2)).map_err(|e| UsageError(e.to_string()))?;
+            let clients = BranchClients::with_tls(&addresses, &ids, Duration::from_secs(2), tls.config()?.as_ref())
+                .map_err(|e| UsageError(e.to_string()))?;
             replay::wait_until_serving(&clients, Duration::from_secs(timeout)).await?;
             println!("distbank health-check: all {} branches SERVING", ids.len());
             Ok(())
@@ -497,6 +554,11 @@ async fn run(
             outputs = replay::replay(&input, &clients, &options) => outputs?,
             _ = shutdown_signal() => bail!("interrupted; no output written"),
         };
+        // Every replica shows the final balance before the branches stop (followers learn of
+        // the last commit one round after the customer's branch answered).
+        if !cluster.wait_converged(Duration::from_secs(10)).await {
+            tracing::warn!("not every replica applied the last write before shutdown");
+        }
         let replayed = started.elapsed() - ready;
         output::write_atomic(output_path, &output::render(&outputs))
             .with_context(|| format!("writing {}", output_path.display()))?;
@@ -632,6 +694,22 @@ async fn branch(args: BranchArgs) -> anyhow::Result<()> {
         timing: args.consensus.timing(),
         request_timeout: Duration::from_secs(args.consensus.request_timeout),
         data_dir: args.data_dir.clone(),
+        tls: BranchTls {
+            peer: match &args.peer_tls_dir {
+                Some(dir) => Some(
+                    distbank::transport::PeerTls::load_dir(dir)
+                        .map_err(|e| UsageError(format!("--peer-tls-dir: {e}")))?,
+                ),
+                None => None,
+            },
+            customer: match &args.customer_tls_dir {
+                Some(dir) => Some(
+                    distbank::transport::customer_server_tls(dir)
+                        .map_err(|e| UsageError(format!("--customer-tls-dir: {e}")))?,
+                ),
+                None => None,
+            },
+        },
     };
     // The bound addresses (not the flags): with port 0 this is how a caller finds the ports.
     let listen = customer
@@ -640,9 +718,26 @@ async fn branch(args: BranchArgs) -> anyhow::Result<()> {
     let peer_listen = peer
         .local_addr()
         .map_or_else(|_| args.peer_listen.to_string(), |a| a.to_string());
-    tracing::info!(branch = id, listen = %listen, peer_listen = %peer_listen, data_dir = ?args.data_dir, "starting branch");
+    let health = match args.health_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr}"))?,
+        ),
+        None => None,
+    };
+    tracing::info!(
+        branch = id,
+        listen = %listen,
+        peer_listen = %peer_listen,
+        health_listen = ?args.health_listen,
+        data_dir = ?args.data_dir,
+        peer_tls = config.tls.peer.is_some(),
+        customer_tls = config.tls.customer.is_some(),
+        "starting branch"
+    );
     let shutdown = CancellationToken::new();
-    let running = distbank::branch::start(config, customer, peer, shutdown.clone()).await?;
+    let running = distbank::branch::start_with_health(config, customer, peer, health, shutdown.clone()).await?;
     shutdown_signal().await;
     shutdown.cancel();
     running.join().await?;
@@ -694,6 +789,7 @@ async fn replay_to_file(
     output_path: &Path,
     replay_args: &ReplayArgs,
     wait: Option<Duration>,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let customer_branches: Vec<u64> = {
@@ -702,7 +798,7 @@ async fn replay_to_file(
         ids.dedup();
         ids
     };
-    let clients = BranchClients::new(addresses, &customer_branches, Duration::from_secs(2))
+    let clients = BranchClients::with_tls(addresses, &customer_branches, Duration::from_secs(2), tls)
         .map_err(|e| UsageError(e.to_string()))?;
     if let Some(timeout) = wait {
         replay::wait_until_serving(&clients, timeout).await?;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::account::Operation;
 use crate::discovery::{Addresses, DiscoveryError};
@@ -20,7 +20,7 @@ use crate::output::{CustomerOutput, Recv};
 use crate::proto::bank::bank_client::BankClient;
 use crate::proto::bank::{TransactionRequest, TransactionResponse};
 use crate::proto::{EVENT_ID_METADATA, STATUS_FAIL, STATUS_SUCCESS};
-use crate::telemetry;
+use crate::{telemetry, transport};
 use tracing::Instrument as _;
 
 /// How a replay runs.
@@ -92,24 +92,27 @@ impl BranchClients {
         branch_ids: &[u64],
         connect_timeout: Duration,
     ) -> Result<BranchClients, ReplayError> {
+        BranchClients::with_tls(addresses, branch_ids, connect_timeout, None)
+    }
+
+    /// [`BranchClients::new`], over TLS when `tls` is given (a bare `host:port` gets `https://`
+    /// and the branch's certificate must name that host).
+    pub fn with_tls(
+        addresses: &Addresses,
+        branch_ids: &[u64],
+        connect_timeout: Duration,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<BranchClients, ReplayError> {
         let mut channels = BTreeMap::new();
         for &branch in branch_ids {
             let address = addresses.address(branch)?;
-            let url = if address.contains("://") {
-                address.clone()
-            } else {
-                format!("http://{address}")
-            };
-            let endpoint = Endpoint::from_shared(url).map_err(|e| ReplayError::BadAddress {
-                branch,
-                address: address.clone(),
-                reason: e.to_string(),
-            })?;
-            let channel = endpoint
-                .tcp_nodelay(true)
-                .connect_timeout(connect_timeout)
-                .connect_lazy();
-            channels.insert(branch, channel);
+            let endpoint =
+                transport::endpoint(&address, connect_timeout, tls).map_err(|e| ReplayError::BadAddress {
+                    branch,
+                    address: address.clone(),
+                    reason: e.to_string(),
+                })?;
+            channels.insert(branch, endpoint.connect_lazy());
         }
         Ok(BranchClients { channels })
     }
@@ -256,7 +259,7 @@ async fn send_with_retries(
             .metadata_mut()
             .insert(EVENT_ID_METADATA, MetadataValue::from(event.id));
         telemetry::inject_metadata(request.metadata_mut());
-        let last_error = match client.msg_delivery(request).await {
+        let last_error = match transport::with_deadline(options.call_timeout, client.msg_delivery(request)).await {
             Ok(reply) => return recv_from_reply(customer, event, reply.into_inner()),
             Err(status) if retryable(status.code()) => format!("{}: {}", status.code(), status.message()),
             Err(status) => {
@@ -331,11 +334,11 @@ pub async fn wait_until_serving(clients: &BranchClients, timeout: Duration) -> R
                 let Some(channel) = channel else { return (branch, false) };
                 let mut request = tonic::Request::new(HealthCheckRequest { service: String::new() });
                 request.set_timeout(Duration::from_secs(2));
-                let serving = HealthClient::new(channel)
-                    .check(request)
-                    .await
-                    .map(|reply| reply.into_inner().status == ServingStatus::Serving as i32)
-                    .unwrap_or(false);
+                let serving =
+                    transport::with_deadline(Duration::from_secs(2), HealthClient::new(channel).check(request))
+                        .await
+                        .map(|reply| reply.into_inner().status == ServingStatus::Serving as i32)
+                        .unwrap_or(false);
                 (branch, serving)
             }
         });

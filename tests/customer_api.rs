@@ -229,6 +229,7 @@ async fn start_branch_without_quorum(
         timing: Default::default(),
         request_timeout,
         data_dir: None,
+        tls: Default::default(),
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let running = branch::start(config, customer, peer, shutdown.clone())

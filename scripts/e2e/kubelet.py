@@ -9,7 +9,7 @@ kubelet, CoreDNS and the Service machinery would do for it in a cluster:
 - env: literal values, downward-API fieldRefs (metadata.name/namespace/uid/labels/annotations,
   spec.serviceAccountName/nodeName), configMapKeyRef, $(VAR) expansion in env and args, and
   KUBERNETES_SERVICE_HOST/PORT;
-- volumes: configMap (keys or items), emptyDir (tmpfs with its sizeLimit), persistentVolumeClaim
+- volumes: configMap and secret (keys or items), emptyDir (tmpfs with its sizeLimit), persistentVolumeClaim
   (the claim must exist; a host directory per claim that outlives the pod) and projected
   (serviceAccountToken from the TokenRequest API bound to this pod, configMap, downwardAPI) —
   i.e. the kube-api-access volume the ServiceAccount admission plugin adds;
@@ -26,6 +26,7 @@ ConfigMaps and Services and to request the service-account token).
 """
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -124,6 +125,17 @@ def volumes(pod, state, args, gid):
         if "configMap" in vol:
             src = vol["configMap"]
             project_configmap(src, ns, root, src.get("defaultMode", 0o644), gid, args.kubectl, cache, name)
+            result[vname] = ("bind", root)
+        elif "secret" in vol:
+            src = vol["secret"]
+            secret = json.loads(kubectl(["-n", ns, "get", "secret", src["secretName"], "-o", "json"], args.kubectl))
+            data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+            items = src.get("items") or [{"key": k, "path": k} for k in data]
+            for item in items:
+                if item["key"] not in data:
+                    raise PodError(f"pod {name}: Secret {src['secretName']} has no key {item['key']!r}")
+                write_file(os.path.join(root, item["path"]), data[item["key"]],
+                           item.get("mode", src.get("defaultMode", 0o644)), gid)
             result[vname] = ("bind", root)
         elif "emptyDir" in vol:
             ed = vol["emptyDir"]

@@ -16,11 +16,12 @@ use openraft::raft::{
 use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use super::{NodeId, TypeConfig, codec};
 use crate::proto::peer::RaftPayload;
 use crate::proto::peer::peer_client::PeerClient;
+use crate::transport::{self, TlsError};
 
 /// Largest message accepted from a peer (snapshots are sent in chunks well below this).
 pub const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
@@ -37,32 +38,35 @@ pub struct PeerChannels {
     /// a data directory, outlives configuration changes (a renamed Service, a new port).
     configured: Arc<BTreeMap<NodeId, String>>,
     connect_timeout: Duration,
+    /// Mutual TLS towards peers, when configured.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl PeerChannels {
-    pub fn new(owner: NodeId, connect_timeout: Duration, configured: BTreeMap<NodeId, String>) -> PeerChannels {
+    pub fn new(
+        owner: NodeId,
+        connect_timeout: Duration,
+        configured: BTreeMap<NodeId, String>,
+        tls: Option<ClientTlsConfig>,
+    ) -> PeerChannels {
         PeerChannels {
             owner,
             channels: Arc::default(),
             configured: Arc::new(configured),
             connect_timeout,
+            tls,
         }
     }
 
     /// The peer client for `target`: at its configured address if it has one, else at `addr`
     /// (host:port) from the membership; the channel is created on first use.
-    pub fn client(&self, target: NodeId, addr: &str) -> Result<PeerClient<Channel>, tonic::transport::Error> {
+    pub fn client(&self, target: NodeId, addr: &str) -> Result<PeerClient<Channel>, TlsError> {
         let addr = self.configured.get(&target).map_or(addr, String::as_str);
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let channel = match channels.get(&target) {
             Some((known, channel)) if known == addr => channel.clone(),
             _ => {
-                let channel = Endpoint::from_shared(format!("http://{addr}"))?
-                    .tcp_nodelay(true)
-                    .connect_timeout(self.connect_timeout)
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_while_idle(true)
-                    .connect_lazy();
+                let channel = transport::endpoint(addr, self.connect_timeout, self.tls.as_ref())?.connect_lazy();
                 channels.insert(target, (addr.to_string(), channel.clone()));
                 channel
             }
@@ -124,17 +128,20 @@ impl PeerConnection {
         let data = codec::encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(RaftPayload { data });
         request.set_timeout(option.hard_ttl());
+        let ttl = option.hard_ttl();
         let reply = match rpc {
-            Rpc::AppendEntries => client.append_entries(request).await,
-            Rpc::Vote => client.vote(request).await,
-            Rpc::InstallSnapshot => client.install_snapshot(request).await,
+            Rpc::AppendEntries => transport::with_deadline(ttl, client.append_entries(request)).await,
+            Rpc::Vote => transport::with_deadline(ttl, client.vote(request)).await,
+            Rpc::InstallSnapshot => transport::with_deadline(ttl, client.install_snapshot(request)).await,
         };
         crate::metrics::record_peer(self.owner, self.target, reply.is_ok());
         let reply = reply.map_err(|status| {
             let error = TransportError(format!("{}: {}", status.code(), status.message()));
             match status.code() {
                 // Openraft backs off from unreachable peers instead of retrying hot.
-                tonic::Code::Unavailable | tonic::Code::Cancelled => RPCError::Unreachable(Unreachable::new(&error)),
+                tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
+                    RPCError::Unreachable(Unreachable::new(&error))
+                }
                 _ => RPCError::Network(NetworkError::new(&error)),
             }
         })?;

@@ -296,6 +296,11 @@ impl StateMachine {
         lock(&self.inner).state.account.recorded_operation(event_id)
     }
 
+    /// How many event ids the idempotency table holds.
+    pub fn recorded_events(&self) -> usize {
+        lock(&self.inner).state.account.recorded_events()
+    }
+
     /// Index of the last entry this replica has applied.
     pub fn last_applied_index(&self) -> Option<u64> {
         lock(&self.inner).state.last_applied.map(|id| id.index)

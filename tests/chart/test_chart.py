@@ -255,6 +255,51 @@ def test_probe_port_follows_custom_port():
     assert arg_value(container, "--listen") == "0.0.0.0:6000"
 
 
+# --- TLS ------------------------------------------------------------------------------------------
+
+TLS_ON = ("--set", "tls.peer.enabled=true", "--set", "tls.peer.secretName=peer-tls",
+          "--set", "tls.customer.enabled=true", "--set", "tls.customer.secretName=customer-tls")
+
+
+def test_tls_off_by_default(default_docs):
+    sts = one(default_docs, "StatefulSet", FULLNAME)
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    assert not [a for a in container["args"] if "tls" in a or a.startswith("--health-listen")]
+    assert container["readinessProbe"]["grpc"]["port"] == 50051
+
+
+def test_tls_mounts_secrets_moves_probes_and_verifies_clients():
+    docs = render(*TLS_ON)
+    pod = one(docs, "StatefulSet", FULLNAME)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert arg_value(container, "--peer-tls-dir") == "/etc/distbank-tls/peer"
+    assert arg_value(container, "--customer-tls-dir") == "/etc/distbank-tls/customer"
+    assert arg_value(container, "--health-listen") == "0.0.0.0:50053"
+    # Kubelet gRPC probes cannot speak TLS: all three use the plaintext health port.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == 50053, probe
+    assert {"name": "health", "containerPort": 50053, "protocol": "TCP"} in container["ports"]
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert secrets == {"peer-tls": "peer-tls", "customer-tls": "customer-tls"}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["peer-tls"] == "/etc/distbank-tls/peer" and mounts["customer-tls"] == "/etc/distbank-tls/customer"
+    # The replay Job and the helm test pod speak TLS to the branches and trust only the CA.
+    job = next(d for d in docs if d["kind"] == "Job")["spec"]["template"]["spec"]
+    test = next(d for d in docs if d["kind"] == "Pod")["spec"]
+    for client in (job, test):
+        c = client["containers"][0]
+        assert env_values(c)["DISTBANK_TLS_CA"] == "/etc/distbank-tls/customer/ca.crt"
+        assert any(a.startswith("--branch-addr=https://") or a.startswith("--addr-template=https://") for a in c["args"])
+        ca = next(v for v in client["volumes"] if v["name"] == "customer-ca")
+        assert ca["secret"] == {"secretName": "customer-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+
+
+def test_tls_without_a_secret_name_fails_the_render():
+    proc = render_raw("--set", "tls.peer.enabled=true")
+    assert proc.returncode != 0
+    assert "tls.peer.enabled needs tls.peer.secretName" in proc.stderr, proc.stderr
+
+
 # --- observability -------------------------------------------------------------------------------
 
 def env_values(container) -> dict:

@@ -181,7 +181,43 @@ when the input is not a JSON array of objects, has no branches, branch ids are n
 {{- end -}}
 
 {{- define "distbank.customerAddrTemplate" -}}
-{{- printf "http://%s:%d" (include "distbank.branchHostTemplate" .) (int .Values.branch.ports.grpc) -}}
+{{- printf "%s://%s:%d" (ternary "https" "http" .Values.tls.customer.enabled) (include "distbank.branchHostTemplate" .) (int .Values.branch.ports.grpc) -}}
+{{- end -}}
+
+{{/* The port the kubelet probes: the plaintext health port when the customer API has TLS. */}}
+{{- define "distbank.probePort" -}}
+{{- ternary .Values.tls.healthPort .Values.branch.ports.grpc .Values.tls.customer.enabled | int -}}
+{{- end -}}
+
+{{/* The Secret of one TLS side, or a clear error. Usage: include "distbank.tlsSecret" (dict "ctx" . "side" "peer") */}}
+{{- define "distbank.tlsSecret" -}}
+{{- $side := index .ctx.Values.tls .side -}}
+{{- required (printf "tls.%s.enabled needs tls.%s.secretName: a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt" .side .side) $side.secretName -}}
+{{- end -}}
+
+{{/* Mounts the customer CA for a client of the customer API (replay Job, helm test). */}}
+{{- define "distbank.customerCaMount" -}}
+{{- if .Values.tls.customer.enabled }}
+- name: customer-ca
+  mountPath: /etc/distbank-tls/customer
+  readOnly: true
+{{- end }}
+{{- end -}}
+{{- define "distbank.customerCaVolume" -}}
+{{- if .Values.tls.customer.enabled }}
+- name: customer-ca
+  secret:
+    secretName: {{ include "distbank.tlsSecret" (dict "ctx" . "side" "customer") }}
+    items:
+      - key: ca.crt
+        path: ca.crt
+{{- end }}
+{{- end -}}
+{{- define "distbank.customerCaEnv" -}}
+{{- if .Values.tls.customer.enabled }}
+- name: DISTBANK_TLS_CA
+  value: /etc/distbank-tls/customer/ca.crt
+{{- end }}
 {{- end -}}
 
 {{- define "distbank.peerTemplate" -}}
@@ -263,6 +299,15 @@ Inline checkov skips for the image settings, each with its reason, only where th
 a side-loaded image (kind load / minikube image load) has no registry digest and needs
 IfNotPresent. Prints a YAML map (possibly empty).
 */}}
+{{/* The Jaeger image: repository@digest when a digest is set, else repository:tag. */}}
+{{- define "distbank.jaegerImage" -}}
+{{- if .Values.jaeger.image.digest -}}
+{{- printf "%s@%s" .Values.jaeger.image.repository .Values.jaeger.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.jaeger.image.repository .Values.jaeger.image.tag -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "distbank.imageCheckovSkips" -}}
 {{- $s := dict -}}
 {{- if not .Values.image.digest -}}
@@ -370,6 +415,9 @@ template:
           - name: RUST_LOG
             value: {{ . | quote }}
           {{- end }}
+          {{- with include "distbank.customerCaEnv" $ | trim }}
+          {{- . | nindent 10 }}
+          {{- end }}
           {{- with $.Values.replay.extraEnv }}
           {{- toYaml . | nindent 10 }}
           {{- end }}
@@ -383,7 +431,13 @@ template:
             readOnly: true
           - name: tmp
             mountPath: /tmp
+          {{- with include "distbank.customerCaMount" $ | trim }}
+          {{- . | nindent 10 }}
+          {{- end }}
     volumes:
+      {{- with include "distbank.customerCaVolume" $ | trim }}
+      {{- . | nindent 6 }}
+      {{- end }}
       - name: input
         configMap:
           name: {{ include "distbank.inputConfigMapName" $ }}
