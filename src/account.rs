@@ -98,14 +98,63 @@ struct Recorded {
 /// with different windows would disagree on which retries are duplicates.
 pub const IDEMPOTENCY_WINDOW: usize = 200_000;
 
+/// A table by event id that keeps only the most recent `capacity` ids, in insertion order.
+/// Deterministic: the same inserts in the same order leave the same table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentTable<V> {
+    map: HashMap<u64, V>,
+    /// Ids oldest first: the eviction order.
+    order: VecDeque<u64>,
+    capacity: usize,
+}
+
+impl<V> Default for RecentTable<V> {
+    fn default() -> Self {
+        RecentTable::new(IDEMPOTENCY_WINDOW)
+    }
+}
+
+impl<V> RecentTable<V> {
+    pub fn new(capacity: usize) -> RecentTable<V> {
+        RecentTable {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn get(&self, id: u64) -> Option<&V> {
+        self.map.get(&id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The value under `id`: the one already there, else `value` (inserted, evicting the oldest
+    /// id when the table is full).
+    pub fn get_or_insert(&mut self, id: u64, value: V) -> &V {
+        if !self.map.contains_key(&id) {
+            self.order.push_back(id);
+            while self.order.len() > self.capacity {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.map.remove(&oldest);
+                }
+            }
+        }
+        self.map.entry(id).or_insert(value)
+    }
+}
+
 /// The account: balance and idempotency table. Serialized whole into snapshots.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Account {
     balance: u64,
-    recorded: HashMap<u64, Recorded>,
-    /// Recorded event ids, oldest first: the eviction order (deterministic: apply order).
-    order: VecDeque<u64>,
-    window: usize,
+    recorded: RecentTable<Recorded>,
 }
 
 impl Account {
@@ -117,9 +166,7 @@ impl Account {
     pub fn with_window(initial_balance: u64, window: usize) -> Account {
         Account {
             balance: initial_balance,
-            recorded: HashMap::new(),
-            order: VecDeque::new(),
-            window: window.max(1),
+            recorded: RecentTable::new(window),
         }
     }
 
@@ -134,7 +181,7 @@ impl Account {
 
     /// The operation recorded under `event_id`, if any.
     pub fn recorded_operation(&self, event_id: u64) -> Option<Operation> {
-        self.recorded.get(&event_id).map(|recorded| recorded.operation)
+        self.recorded.get(event_id).map(|recorded| recorded.operation)
     }
 
     /// Applies one command. A command whose event id is already recorded changes nothing and
@@ -142,7 +189,7 @@ impl Account {
     pub fn apply(&mut self, command: &Command) -> Applied {
         let operation = command.operation();
         if let Some(id) = command.event_id()
-            && let Some(recorded) = self.recorded.get(&id)
+            && let Some(recorded) = self.recorded.get(id)
         {
             let outcome = if recorded.operation == operation {
                 recorded.outcome
@@ -155,13 +202,7 @@ impl Account {
         }
         let outcome = self.execute(operation);
         if let Some(id) = command.event_id() {
-            self.recorded.insert(id, Recorded { operation, outcome });
-            self.order.push_back(id);
-            while self.order.len() > self.window {
-                if let Some(oldest) = self.order.pop_front() {
-                    self.recorded.remove(&oldest);
-                }
-            }
+            self.recorded.get_or_insert(id, Recorded { operation, outcome });
         }
         self.applied(outcome)
     }

@@ -29,7 +29,7 @@ use tracing::Instrument as _;
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::account::{Command, Operation, Outcome};
+use crate::account::{Command, IDEMPOTENCY_WINDOW, Operation, Outcome, RecentTable};
 use crate::coalesce::Coalescer;
 use crate::proto;
 use crate::proto::bank::bank_server::BankServer;
@@ -127,7 +127,8 @@ struct Inner {
     peers: PeerChannels,
     request_timeout: Duration,
     /// Answers given to queries, by event id (this branch's own; queries are not replicated).
-    queries: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+    /// Bounded like the replicated table (the most recent `IDEMPOTENCY_WINDOW` ids).
+    queries: std::sync::Mutex<RecentTable<u64>>,
     /// Concurrent queries on this branch share read-index requests...
     read_indexes: Coalescer<Result<Option<u64>, String>>,
     /// ...and, when this branch leads, quorum rounds (its own queries and followers' requests).
@@ -200,12 +201,12 @@ impl Branch {
             return Ok(outcome);
         };
         let mut queries = self.inner.queries.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(Outcome::Balance(*queries.entry(id).or_insert(balance)))
+        Ok(Outcome::Balance(*queries.get_or_insert(id, balance)))
     }
 
     fn recorded_query(&self, event_id: u64) -> Option<u64> {
         let queries = self.inner.queries.lock().unwrap_or_else(|p| p.into_inner());
-        queries.get(&event_id).copied()
+        queries.get(event_id).copied()
     }
 
     /// Appends `command` through the current leader, retrying across leader changes until
@@ -552,7 +553,7 @@ pub async fn start_with_health(
                 state,
                 peers,
                 request_timeout: config.request_timeout,
-                queries: Default::default(),
+                queries: std::sync::Mutex::new(RecentTable::new(IDEMPOTENCY_WINDOW)),
                 read_indexes: Coalescer::new(round(false)),
                 leader_read_indexes: Coalescer::new(round(true)),
             }
