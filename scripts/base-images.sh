@@ -73,6 +73,10 @@ command -v podman >/dev/null 2>&1 || need_pkgs+=(podman buildah runc)
 # netavark + aardvark-dns: container DNS with --network-alias (the CNI backend has none without
 # the dnsname plugin); scripts/e2e.sh relies on it.
 [[ -x /usr/lib/podman/netavark || -x /usr/libexec/podman/netavark ]] || need_pkgs+=(netavark aardvark-dns)
+# netavark programs the container networks' NAT through iptables (a Recommends of podman, so
+# --no-install-recommends leaves it out); without it every build step with a network fails with
+# "netavark: No such file or directory".
+command -v iptables >/dev/null 2>&1 || need_pkgs+=(iptables)
 command -v debootstrap >/dev/null 2>&1 || need_pkgs+=(debootstrap)
 if [[ ${#need_pkgs[@]} -gt 0 ]]; then
   if [[ $install_deps -eq 1 && $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
