@@ -106,6 +106,8 @@ pub enum BranchError {
     Serve(#[from] tonic::transport::Error),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("Raft stopped: {0}")]
+    RaftStopped(String),
     /// Consensus could not be reached in time (no leader, no quorum, peers unreachable). The
     /// request may still take effect: retry it with the same event id.
     #[error("not available: {0}")]
@@ -689,11 +691,24 @@ async fn serve(
         background.clone(),
     ));
 
-    shutdown.cancelled().await;
-    tracing::info!(
-        branch = config.id,
-        "shutting down: NOT_SERVING, draining customer requests"
-    );
+    // Stop when asked, or when Raft itself stopped (a storage write or sync failed: openraft
+    // stops rather than go on with state it may not have persisted). A branch whose Raft is
+    // dead can never serve again, so it drains and the process exits non-zero for a restart.
+    let fatal = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        fatal = raft_stopped(branch.raft()) => Some(fatal),
+    };
+    match &fatal {
+        None => tracing::info!(
+            branch = config.id,
+            "shutting down: NOT_SERVING, draining customer requests"
+        ),
+        Some(fatal) => tracing::error!(
+            branch = config.id,
+            error = %fatal,
+            "Raft stopped on its own: NOT_SERVING, draining, then exiting"
+        ),
+    }
     // Readiness goes first, while the listener still answers, so load balancers and probes
     // stop sending customers here before the drain; liveness stays SERVING until the end.
     set_readiness(config.id, &health, ServingStatus::NotServing).await;
@@ -722,7 +737,23 @@ async fn serve(
     }
     metrics::unregister_branch(config.id);
     tracing::debug!(branch = config.id, "stopped");
-    Ok(())
+    match fatal {
+        None => Ok(()),
+        Some(fatal) => Err(BranchError::RaftStopped(fatal)),
+    }
+}
+
+/// Resolves when Raft's core has stopped (its metrics carry the fatal error), with the error.
+async fn raft_stopped(raft: &Raft) -> String {
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "Raft's metrics channel closed".into();
+        }
+    }
 }
 
 /// Forms the cluster: the lowest-id voter initializes the voters; whichever voter leads adds

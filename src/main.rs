@@ -738,9 +738,18 @@ async fn branch(args: BranchArgs) -> anyhow::Result<()> {
     );
     let shutdown = CancellationToken::new();
     let running = distbank::branch::start_with_health(config, customer, peer, health, shutdown.clone()).await?;
-    shutdown_signal().await;
-    shutdown.cancel();
-    running.join().await?;
+    let join = running.join();
+    tokio::pin!(join);
+    // The branch ends on a signal, or by itself when its Raft core died (then exit code 1, so
+    // Kubernetes restarts the pod and it recovers from its data directory).
+    let result = tokio::select! {
+        result = &mut join => result,
+        _ = shutdown_signal() => {
+            shutdown.cancel();
+            join.await
+        }
+    };
+    result?;
     tracing::info!(branch = id, "stopped");
     Ok(())
 }

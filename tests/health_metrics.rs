@@ -232,3 +232,34 @@ async fn metrics_count_operations_and_readiness_drops_before_the_listener_closes
     .expect("exits after SIGTERM");
     assert!(exited.success(), "exit status {exited}");
 }
+
+/// A branch whose Raft core dies (openraft stops on a storage write or sync failure) cannot
+/// serve again: it drains and ends with an error, so `distbank branch` exits non-zero and
+/// Kubernetes restarts the pod, instead of idling NOT_SERVING forever.
+#[tokio::test]
+async fn a_branch_whose_raft_stops_ends_with_an_error() {
+    use distbank::branch::{self, BranchConfig, BranchError};
+
+    let customer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = BranchConfig {
+        id: 1,
+        initial_balance: 100,
+        members: [(1, peer.local_addr().unwrap().to_string())].into_iter().collect(),
+        voters: 1,
+        timing: Default::default(),
+        request_timeout: Duration::from_secs(10),
+        data_dir: None,
+        tls: Default::default(),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = branch::start(config, customer, peer, shutdown.clone()).await.unwrap();
+    tokio::time::timeout(TIMEOUT, running.ready()).await.expect("serving");
+    // Stands in for a failed fsync: openraft stops its core and reports it in its metrics.
+    running.branch.raft().shutdown().await.unwrap();
+    let result = tokio::time::timeout(TIMEOUT, running.join())
+        .await
+        .expect("the branch ends by itself, without a shutdown request");
+    assert!(matches!(result, Err(BranchError::RaftStopped(_))), "{result:?}");
+    assert!(!shutdown.is_cancelled());
+}
