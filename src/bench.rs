@@ -258,11 +258,57 @@ pub struct Sample {
     pub operations: u64,
     pub errors: u64,
     pub rss_kib: Option<u64>,
+    /// Allocated and not freed (see [`heap_in_use_bytes`]).
+    pub heap_bytes: Option<u64>,
     /// The idempotency table's size on branch 1 (bounded by `account::IDEMPOTENCY_WINDOW`).
     pub recorded_events: usize,
 }
 
 pub const LATENCY_SAMPLES_PER_CLIENT: usize = 20_000;
+
+/// Bytes the allocator has handed out and not got back (glibc `mallinfo2`: `uordblks` plus
+/// `hblkhd`), if known. Beside RSS it tells real growth (this rises) from memory the allocator
+/// keeps for reuse after large short-lived buffers such as snapshots (only RSS rises).
+pub fn heap_in_use_bytes() -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // glibc's `struct mallinfo2` (glibc >= 2.33): ten size_t fields.
+        #[repr(C)]
+        struct MallInfo2 {
+            arena: usize,
+            ordblks: usize,
+            smblks: usize,
+            hblks: usize,
+            hblkhd: usize,
+            usmblks: usize,
+            fsmblks: usize,
+            uordblks: usize,
+            fordblks: usize,
+            keepcost: usize,
+        }
+        unsafe extern "C" {
+            fn mallinfo2() -> MallInfo2;
+        }
+        // SAFETY: mallinfo2 takes no arguments and returns a plain struct by value; it only
+        // reads the allocator's own counters (under its locks).
+        let info = unsafe { mallinfo2() };
+        let _ = (
+            info.arena,
+            info.ordblks,
+            info.smblks,
+            info.hblks,
+            info.usmblks,
+            info.fsmblks,
+            info.fordblks,
+            info.keepcost,
+        );
+        Some((info.uordblks + info.hblkhd) as u64)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
 
 /// Resident set size of this process now, in KiB (Linux `VmRSS`), if known.
 pub fn rss_kib() -> Option<u64> {
@@ -384,6 +430,7 @@ pub async fn run_concurrent(
                         operations: now_answered - last_answered,
                         errors: now_failed - last_failed,
                         rss_kib: rss_kib(),
+                        heap_bytes: heap_in_use_bytes(),
                         recorded_events: first.as_ref().map_or(0, |b| b.recorded_events()),
                     };
                     (last_answered, last_failed) = (now_answered, now_failed);
@@ -487,23 +534,30 @@ pub fn concurrent_report(figures: &ConcurrentFigures, cpu: Option<Duration>) -> 
             let _ = writeln!(out, "  {}", sample_line(sample, every));
         }
     }
-    let rss: Vec<(Duration, u64)> = figures
-        .samples
-        .iter()
-        .filter_map(|s| s.rss_kib.map(|r| (s.at, r)))
-        .collect();
-    if let (Some(first), Some(last)) = (rss.first(), rss.last()) {
-        let max = rss.iter().map(|(_, r)| *r).max().unwrap_or(last.1);
-        let window_ops: Vec<u64> = figures.samples.iter().map(|s| s.operations).collect();
+    // Start, half time and end: the half-time point is past the warm-up (tables filling up), so
+    // half -> end is the plateau check.
+    let samples = &figures.samples;
+    if let (Some(first), Some(last)) = (samples.first(), samples.last()) {
+        let half = &samples[samples.len() / 2];
+        let mib = |kib: Option<u64>| kib.unwrap_or(0) as f64 / 1024.0;
+        let heap = |bytes: Option<u64>| bytes.unwrap_or(0) as f64 / (1024.0 * 1024.0);
         let _ = writeln!(
             out,
-            "  RSS at {:.0} s {:.1} MiB, at {:.0} s {:.1} MiB (max {:.1} MiB, change {:+.1} MiB); ops per sample min {} max {}",
-            first.0.as_secs_f64(),
-            first.1 as f64 / 1024.0,
-            last.0.as_secs_f64(),
-            last.1 as f64 / 1024.0,
-            max as f64 / 1024.0,
-            (last.1 as f64 - first.1 as f64) / 1024.0,
+            "  RSS at {:.0} s {:.1} MiB, at {:.0} s {:.1} MiB, at {:.0} s {:.1} MiB; heap in use {:.1} / {:.1} / {:.1} MiB",
+            first.at.as_secs_f64(),
+            mib(first.rss_kib),
+            half.at.as_secs_f64(),
+            mib(half.rss_kib),
+            last.at.as_secs_f64(),
+            mib(last.rss_kib),
+            heap(first.heap_bytes),
+            heap(half.heap_bytes),
+            heap(last.heap_bytes),
+        );
+        let window_ops: Vec<u64> = samples.iter().map(|s| s.operations).collect();
+        let _ = writeln!(
+            out,
+            "  ops per sample min {} max {}",
             window_ops.iter().min().copied().unwrap_or(0),
             window_ops.iter().max().copied().unwrap_or(0),
         );
@@ -514,11 +568,12 @@ pub fn concurrent_report(figures: &ConcurrentFigures, cpu: Option<Duration>) -> 
 /// One timeline line: time, throughput in the window, errors, RSS, idempotency-table size.
 pub fn sample_line(sample: &Sample, every: Duration) -> String {
     format!(
-        "  t={:>6.0} s  {:>7.0} ops/s  errors {:<4} RSS {:>7.1} MiB  recorded event ids {}",
+        "  t={:>6.0} s  {:>7.0} ops/s  errors {:<4} RSS {:>7.1} MiB  heap in use {:>7.1} MiB  recorded event ids {}",
         sample.at.as_secs_f64(),
         sample.operations as f64 / every.as_secs_f64().max(1e-9),
         sample.errors,
         sample.rss_kib.unwrap_or(0) as f64 / 1024.0,
+        sample.heap_bytes.unwrap_or(0) as f64 / (1024.0 * 1024.0),
         sample.recorded_events
     )
 }
