@@ -262,9 +262,11 @@ pub struct Sample {
     pub heap_bytes: Option<u64>,
     /// The idempotency table's size on branch 1 (bounded by `account::IDEMPOTENCY_WINDOW`).
     pub recorded_events: usize,
+    /// Branch 1's table of query answers by event id (bounded the same way).
+    pub recorded_queries: usize,
 }
 
-pub const LATENCY_SAMPLES_PER_CLIENT: usize = 20_000;
+pub const LATENCY_SAMPLES_PER_CLIENT: usize = 2_000;
 
 /// Bytes the allocator has handed out and not got back (glibc `mallinfo2`: `uordblks` plus
 /// `hblkhd`), if known. Beside RSS it tells real growth (this rises) from memory the allocator
@@ -432,6 +434,7 @@ pub async fn run_concurrent(
                         rss_kib: rss_kib(),
                         heap_bytes: heap_in_use_bytes(),
                         recorded_events: first.as_ref().map_or(0, |b| b.recorded_events()),
+                        recorded_queries: first.as_ref().map_or(0, |b| b.recorded_queries()),
                     };
                     (last_answered, last_failed) = (now_answered, now_failed);
                     if progress {
@@ -568,13 +571,14 @@ pub fn concurrent_report(figures: &ConcurrentFigures, cpu: Option<Duration>) -> 
 /// One timeline line: time, throughput in the window, errors, RSS, idempotency-table size.
 pub fn sample_line(sample: &Sample, every: Duration) -> String {
     format!(
-        "  t={:>6.0} s  {:>7.0} ops/s  errors {:<4} RSS {:>7.1} MiB  heap in use {:>7.1} MiB  recorded event ids {}",
+        "  t={:>6.0} s  {:>7.0} ops/s  errors {:<4} RSS {:>7.1} MiB  heap in use {:>7.1} MiB  recorded writes {} queries {}",
         sample.at.as_secs_f64(),
         sample.operations as f64 / every.as_secs_f64().max(1e-9),
         sample.errors,
         sample.rss_kib.unwrap_or(0) as f64 / 1024.0,
         sample.heap_bytes.unwrap_or(0) as f64 / (1024.0 * 1024.0),
-        sample.recorded_events
+        sample.recorded_events,
+        sample.recorded_queries
     )
 }
 

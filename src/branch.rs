@@ -404,6 +404,11 @@ impl Branch {
         self.inner.state.recorded_events()
     }
 
+    /// How many query answers this branch keeps by event id (its own, not replicated).
+    pub fn recorded_queries(&self) -> usize {
+        self.inner.queries.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Waits until this replica has applied the entry at `index`.
     pub async fn wait_applied(&self, index: u64, deadline: Instant) -> Result<(), BranchError> {
         if self.inner.state.last_applied_index() >= Some(index) {
