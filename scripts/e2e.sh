@@ -249,7 +249,14 @@ run_case() {
   job="$(k get job -l "app.kubernetes.io/instance=$RELEASE" -o jsonpath='{.items[0].metadata.name}')"
   k get statefulset "$sts" -o json >"$STATE/$NS-statefulset.json"
   k get job "$job" -o json >"$STATE/$NS-job.json"
-  [[ $tls -eq 1 ]] && make_tls_secret "$RELEASE-tls" "$(k get statefulset "$sts" -o jsonpath='{.spec.serviceName}')"
+  # Fields of the StatefulSet just saved (the pod template the probes and ports come from).
+  local headless probe_port customer_port
+  read -r headless probe_port customer_port < <(python3 -c '
+import json, sys
+s = json.load(open(sys.argv[1]))["spec"]
+c = s["template"]["spec"]["containers"][0]
+print(s["serviceName"], c["readinessProbe"]["grpc"]["port"], c["ports"][0]["containerPort"])' "$STATE/$NS-statefulset.json")
+  [[ $tls -eq 1 ]] && make_tls_secret "$RELEASE-tls" "$headless"
   wait_for "the StatefulSet controller's $n pods" pods_created branch "$n"
   wait_for "the Job controller's pod" pods_created replay 1
   local i pod c
@@ -263,20 +270,17 @@ run_case() {
   phase_done "[$case] run $n branch pods"
 
   phase "[$case] wait for every branch to be SERVING"
-  local probe_port
-  probe_port="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"])' "$STATE/$NS-statefulset.json")"
   for ((i = 0; i < n; i++)); do
     wait_for "$sts-$i SERVING" serving "${NS}_$sts-$i" "$probe_port"
   done
   if [[ $tls -eq 1 ]]; then
-    local fqdn="$sts-0.$(k get statefulset "$sts" -o jsonpath='{.spec.serviceName}').$NS.svc.cluster.local"
-    [[ "$probe_port" != "$(k get statefulset "$sts" -o jsonpath='{.spec.template.spec.containers[0].ports[0].containerPort}')" ]] ||
-      die "with customer TLS the probes still use the customer port"
+    local fqdn="$sts-0.$headless.$NS.svc.cluster.local"
+    [[ "$probe_port" != "$customer_port" ]] || die "with customer TLS the probes still use the customer port"
     # Plaintext to the customer port must fail; TLS verified with the Secret's CA must work.
-    ! podman exec "${NS}_$sts-0" /usr/local/bin/distbank health-check --addr-template "1=http://$fqdn:50051" \
+    ! podman exec "${NS}_$sts-0" /usr/local/bin/distbank health-check --addr-template "1=http://$fqdn:$customer_port" \
       --count 1 --timeout 3 >/dev/null 2>&1 || die "a plaintext call to the TLS customer port succeeded"
     podman exec -e DISTBANK_TLS_CA=/etc/distbank-tls/customer/ca.crt "${NS}_$sts-0" /usr/local/bin/distbank \
-      health-check --addr-template "1=https://$fqdn:50051" --count 1 --timeout 10 >/dev/null ||
+      health-check --addr-template "1=https://$fqdn:$customer_port" --count 1 --timeout 10 >/dev/null ||
       die "a TLS health check with the Secret's CA failed"
     grep -q '"peer_tls":true' <(podman logs "${NS}_$sts-0" 2>&1) || die "$sts-0 did not start with peer TLS"
     log "TLS: plaintext refused on the customer port, TLS verified by the CA, peers on mutual TLS"

@@ -274,7 +274,8 @@ pub const LATENCY_SAMPLES_PER_CLIENT: usize = 2_000;
 pub fn heap_in_use_bytes() -> Option<u64> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // glibc's `struct mallinfo2` (glibc >= 2.33): ten size_t fields.
+        // glibc's `struct mallinfo2` (glibc >= 2.33): ten size_t fields, two of them read here.
+        #[allow(dead_code)]
         #[repr(C)]
         struct MallInfo2 {
             arena: usize,
@@ -294,16 +295,6 @@ pub fn heap_in_use_bytes() -> Option<u64> {
         // SAFETY: mallinfo2 takes no arguments and returns a plain struct by value; it only
         // reads the allocator's own counters (under its locks).
         let info = unsafe { mallinfo2() };
-        let _ = (
-            info.arena,
-            info.ordblks,
-            info.smblks,
-            info.hblks,
-            info.usmblks,
-            info.fsmblks,
-            info.fordblks,
-            info.keepcost,
-        );
         Some((info.uordblks + info.hblkhd) as u64)
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
@@ -322,14 +313,13 @@ pub fn rss_kib() -> Option<u64> {
 /// `clients` concurrent customers send random operations (event ids, so retries are safe) to
 /// random branches of a fresh `branches`-branch cluster for `duration`, at full speed (a closed
 /// loop: each client sends its next operation when the previous one is answered). Every
-/// `sample_every` the process's RSS and the throughput are recorded (and, with `progress`,
-/// printed to stderr, so a long soak shows it is alive).
+/// `sample_every` the process's RSS and the throughput are recorded (and printed to stderr, so
+/// a long soak shows it is alive).
 pub async fn run_concurrent(
     clients: usize,
     branches: u64,
     duration: Duration,
     sample_every: Duration,
-    progress: bool,
     cluster: &ClusterOptions,
 ) -> Result<ConcurrentFigures, BenchError> {
     use std::sync::Arc;
@@ -437,9 +427,7 @@ pub async fn run_concurrent(
                         recorded_queries: first.as_ref().map_or(0, |b| b.recorded_queries()),
                     };
                     (last_answered, last_failed) = (now_answered, now_failed);
-                    if progress {
-                        eprintln!("{}", sample_line(&sample, sample_every));
-                    }
+                    eprintln!("{}", sample_line(&sample, sample_every));
                     samples.push(sample);
                 }
                 samples

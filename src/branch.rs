@@ -286,10 +286,9 @@ impl Branch {
             operation: operation as i32,
             amount,
         });
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        request.set_timeout(timeout);
         telemetry::inject_metadata(request.metadata_mut());
-        let reply = transport::with_deadline(timeout, client.submit(request))
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let reply = transport::call(timeout, request, |r| client.submit(r))
             .await
             .map_err(|status| format!("forwarding to leader {leader}: {}", status.message()))?
             .into_inner();
@@ -367,10 +366,9 @@ impl Branch {
 
     async fn forward_read_index(&self, leader: NodeId, deadline: Instant) -> Result<Option<u64>, String> {
         let mut client = self.peer_client(leader)?;
-        let mut request = tonic::Request::new(proto::peer::ReadIndexRequest {});
+        let request = tonic::Request::new(proto::peer::ReadIndexRequest {});
         let timeout = deadline.saturating_duration_since(Instant::now());
-        request.set_timeout(timeout);
-        let reply = transport::with_deadline(timeout, client.read_index(request))
+        let reply = transport::call(timeout, request, |r| client.read_index(r))
             .await
             .map_err(|status| format!("read index from leader {leader}: {}", status.message()))?;
         Ok(reply.into_inner().read_index)

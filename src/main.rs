@@ -436,7 +436,6 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     branches,
                     Duration::from_secs_f64(duration),
                     Duration::from_secs_f64(every),
-                    true,
                     &options,
                 )
                 .await?;
@@ -695,20 +694,14 @@ async fn branch(args: BranchArgs) -> anyhow::Result<()> {
         request_timeout: Duration::from_secs(args.consensus.request_timeout),
         data_dir: args.data_dir.clone(),
         tls: BranchTls {
-            peer: match &args.peer_tls_dir {
-                Some(dir) => Some(
-                    distbank::transport::PeerTls::load_dir(dir)
-                        .map_err(|e| UsageError(format!("--peer-tls-dir: {e}")))?,
-                ),
-                None => None,
-            },
-            customer: match &args.customer_tls_dir {
-                Some(dir) => Some(
-                    distbank::transport::customer_server_tls(dir)
-                        .map_err(|e| UsageError(format!("--customer-tls-dir: {e}")))?,
-                ),
-                None => None,
-            },
+            peer: (args.peer_tls_dir.as_deref())
+                .map(distbank::transport::PeerTls::load_dir)
+                .transpose()
+                .map_err(|e| UsageError(format!("--peer-tls-dir: {e}")))?,
+            customer: (args.customer_tls_dir.as_deref())
+                .map(distbank::transport::customer_server_tls)
+                .transpose()
+                .map_err(|e| UsageError(format!("--customer-tls-dir: {e}")))?,
         },
     };
     // The bound addresses (not the flags): with port 0 this is how a caller finds the ports.

@@ -254,12 +254,11 @@ async fn send_with_retries(
             operation: operation.to_string(),
             amount,
         });
-        request.set_timeout(options.call_timeout);
         request
             .metadata_mut()
             .insert(EVENT_ID_METADATA, MetadataValue::from(event.id));
         telemetry::inject_metadata(request.metadata_mut());
-        let last_error = match transport::with_deadline(options.call_timeout, client.msg_delivery(request)).await {
+        let last_error = match transport::call(options.call_timeout, request, |r| client.msg_delivery(r)).await {
             Ok(reply) => return recv_from_reply(customer, event, reply.into_inner()),
             Err(status) if retryable(status.code()) => format!("{}: {}", status.code(), status.message()),
             Err(status) => {
@@ -332,13 +331,12 @@ pub async fn wait_until_serving(clients: &BranchClients, timeout: Duration) -> R
             let channel = clients.channels.get(&branch).cloned();
             async move {
                 let Some(channel) = channel else { return (branch, false) };
-                let mut request = tonic::Request::new(HealthCheckRequest { service: String::new() });
-                request.set_timeout(Duration::from_secs(2));
-                let serving =
-                    transport::with_deadline(Duration::from_secs(2), HealthClient::new(channel).check(request))
-                        .await
-                        .map(|reply| reply.into_inner().status == ServingStatus::Serving as i32)
-                        .unwrap_or(false);
+                let request = tonic::Request::new(HealthCheckRequest { service: String::new() });
+                let mut health = HealthClient::new(channel);
+                let serving = transport::call(Duration::from_secs(2), request, |r| health.check(r))
+                    .await
+                    .map(|reply| reply.into_inner().status == ServingStatus::Serving as i32)
+                    .unwrap_or(false);
                 (branch, serving)
             }
         });

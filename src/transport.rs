@@ -143,14 +143,20 @@ pub fn endpoint(address: &str, connect_timeout: Duration, tls: Option<&ClientTls
     }
 }
 
-/// Runs one outbound call with a local deadline. `Request::set_timeout` only tells the server
-/// (grpc-timeout); tonic's client does not enforce it, so a call on a connection whose peer
-/// vanished would wait until TCP gives up, minutes later.
-pub async fn with_deadline<T>(
+/// Sends `request` through `send` with a deadline of `timeout`, on both sides: as
+/// `grpc-timeout`, so the server stops working on it, and locally, because tonic's client only
+/// sends the header: a call on a connection whose peer vanished would otherwise wait until TCP
+/// gives up, minutes later. (Raft's own RPCs need only the header: openraft times them out.)
+pub async fn call<Req, T, Fut>(
     timeout: Duration,
-    call: impl Future<Output = Result<T, tonic::Status>>,
-) -> Result<T, tonic::Status> {
-    match tokio::time::timeout(timeout, call).await {
+    mut request: tonic::Request<Req>,
+    send: impl FnOnce(tonic::Request<Req>) -> Fut,
+) -> Result<T, tonic::Status>
+where
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    request.set_timeout(timeout);
+    match tokio::time::timeout(timeout, send(request)).await {
         Ok(result) => result,
         Err(_) => Err(tonic::Status::deadline_exceeded(format!(
             "no answer within {:.1} s",
@@ -165,8 +171,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_that_never_answers_fails_with_deadline_exceeded() {
-        let never = std::future::pending::<Result<(), tonic::Status>>();
-        let status = with_deadline(Duration::from_millis(20), never).await.unwrap_err();
+        let never = |_request| std::future::pending::<Result<(), tonic::Status>>();
+        let status = call(Duration::from_millis(20), tonic::Request::new(()), never)
+            .await
+            .unwrap_err();
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
     }
 

@@ -127,12 +127,13 @@ impl PeerConnection {
         let mut client = client;
         let data = codec::encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(RaftPayload { data });
+        // openraft wraps every one of these calls in its own timeout of the same TTL, so only
+        // the server needs telling (no second local timer on the replication hot path).
         request.set_timeout(option.hard_ttl());
-        let ttl = option.hard_ttl();
         let reply = match rpc {
-            Rpc::AppendEntries => transport::with_deadline(ttl, client.append_entries(request)).await,
-            Rpc::Vote => transport::with_deadline(ttl, client.vote(request)).await,
-            Rpc::InstallSnapshot => transport::with_deadline(ttl, client.install_snapshot(request)).await,
+            Rpc::AppendEntries => client.append_entries(request).await,
+            Rpc::Vote => client.vote(request).await,
+            Rpc::InstallSnapshot => client.install_snapshot(request).await,
         };
         crate::metrics::record_peer(self.owner, self.target, reply.is_ok());
         let reply = reply.map_err(|status| {
