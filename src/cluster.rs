@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -20,6 +21,8 @@ pub struct ClusterOptions {
     pub voters: usize,
     pub timing: RaftTiming,
     pub request_timeout: Duration,
+    /// Durable branches: branch N keeps its consensus state in `data_dir/branch-N`.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -30,6 +33,7 @@ impl Default for ClusterOptions {
             voters: 3,
             timing: RaftTiming::default(),
             request_timeout: Duration::from_secs(10),
+            data_dir: None,
         }
     }
 }
@@ -97,7 +101,7 @@ impl LocalCluster {
                 voters: options.voters,
                 timing: options.timing,
                 request_timeout: options.request_timeout,
-                data_dir: None,
+                data_dir: options.data_dir.as_ref().map(|dir| dir.join(format!("branch-{id}"))),
                 tls: Default::default(),
             };
             let running = branch::start(config, customer, peer, shutdown.child_token())

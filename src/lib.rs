@@ -16,7 +16,7 @@
 //!   hands the operation to the branch.
 //! - [`branch`] turns it into a log entry ([`account::Command::PropagateDeposit`]), forwards it
 //!   to the leader if needed ([`service::peer`]'s `Submit`), waits for commit and for its own
-//!   replica to apply it; queries are linearizable reads (ReadIndex, concurrent ones sharing
+//!   replica to apply it (concurrent writes share entries and `Submit` calls: [`batch`]); queries are linearizable reads (ReadIndex, concurrent ones sharing
 //!   one round through [`coalesce`]) or logged when they carry an event id.
 //! - [`replication`] is the openraft glue: type config, the log and state machine stores (in
 //!   memory, or backed by a data directory with `distbank branch --data-dir`:
@@ -33,6 +33,7 @@
 
 pub mod account;
 pub mod artifact;
+pub mod batch;
 pub mod bench;
 pub mod branch;
 pub mod cluster;

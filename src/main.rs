@@ -114,6 +114,11 @@ enum Command {
         /// Check every run's output against this file (e.g. the course's reference output).
         #[arg(long, env = "DISTBANK_BENCH_EXPECT")]
         expect: Option<PathBuf>,
+        /// With --concurrent: durable branches, each with a data directory DIR/branch-N (fsync
+        /// before every acknowledgement, as `distbank branch --data-dir`). DIR must not exist
+        /// or be empty.
+        #[arg(long, env = "DISTBANK_BENCH_DATA_DIR", requires = "concurrent")]
+        data_dir: Option<PathBuf>,
         #[command(flatten)]
         consensus: ConsensusArgs,
         #[command(flatten)]
@@ -272,6 +277,7 @@ impl ConsensusArgs {
             voters: self.voters,
             timing: self.timing(),
             request_timeout: Duration::from_secs(self.request_timeout),
+            data_dir: None,
         }
     }
 
@@ -414,11 +420,21 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             sample_every,
             runs,
             expect,
+            data_dir,
             consensus,
             replay,
         } => {
             if let Some(clients) = concurrent {
-                let options = consensus.cluster_options(IpAddr::from([127, 0, 0, 1]), None);
+                let mut options = consensus.cluster_options(IpAddr::from([127, 0, 0, 1]), None);
+                if let Some(dir) = data_dir {
+                    // A bench measures fresh branches: recovering an earlier run's state would
+                    // measure something else.
+                    let in_use = std::fs::read_dir(&dir).map(|mut entries| entries.next().is_some());
+                    if matches!(in_use, Ok(true)) {
+                        bail!(UsageError(format!("--data-dir {}: not empty", dir.display())));
+                    }
+                    options.data_dir = Some(dir);
+                }
                 if !(duration.is_finite() && duration > 0.0) {
                     bail!(UsageError(format!(
                         "--duration {duration}: must be a positive number of seconds"

@@ -16,7 +16,7 @@ use distbank::output::Recv;
 use distbank::proto::bank::TransactionRequest;
 use distbank::proto::bank::bank_client::BankClient;
 use distbank::proto::peer::peer_client::PeerClient;
-use distbank::proto::peer::{Operation as PeerOperation, SubmitRequest};
+use distbank::proto::peer::{Operation as PeerOperation, SubmitRequest, Write};
 use distbank::replay::{self, BranchClients, ReplayOptions};
 use processes::{BranchProcess, BranchSpec, free_ports};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
@@ -184,9 +184,12 @@ async fn submit_deposit(
     amount: u64,
 ) -> Result<(), tonic::Status> {
     let mut request = tonic::Request::new(SubmitRequest {
-        event_id,
-        operation: PeerOperation::Deposit as i32,
-        amount,
+        writes: vec![Write {
+            event_id,
+            operation: PeerOperation::Deposit as i32,
+            amount,
+            traceparent: String::new(),
+        }],
     });
     request.set_timeout(Duration::from_secs(10));
     client.submit(request).await.map(|_| ())

@@ -46,7 +46,8 @@ pub const WAL_FILE: &str = "raft.wal";
 pub const SNAPSHOT_FILE: &str = "snapshot.bin";
 const LOCK_FILE: &str = "LOCK";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"DBNKSNP1";
-const FORMAT: u32 = 1;
+/// Version 2: a log entry carries a batch of writes (group commit).
+const FORMAT: u32 = 2;
 const HEADER_LEN: usize = 12;
 /// No legitimate record comes near this (snapshots are stored in their own file).
 const MAX_RECORD: usize = 256 * 1024 * 1024;
@@ -266,7 +267,10 @@ fn replay(path: &Path, bytes: &[u8], node_id: NodeId) -> Result<(LogState, usize
         match (&record, offset) {
             (Record::Header { format, node_id: found }, 0) => {
                 if *format != FORMAT {
-                    return Err(corrupt(0, format!("unknown format version {format}")));
+                    return Err(corrupt(
+                        0,
+                        format!("format version {format}, but this distbank reads version {FORMAT} only"),
+                    ));
                 }
                 if *found != node_id {
                     return Err(StoreError::WrongBranch {
@@ -501,11 +505,13 @@ mod tests {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Normal(crate::replication::Proposal {
-                command: crate::account::Command::PropagateDeposit {
-                    event_id: Some(index),
-                    amount: 10,
-                },
-                traceparent: None,
+                writes: vec![crate::replication::Proposed {
+                    command: crate::account::Command::PropagateDeposit {
+                        event_id: Some(index),
+                        amount: 10,
+                    },
+                    traceparent: None,
+                }],
             }),
         }
     }

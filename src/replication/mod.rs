@@ -15,17 +15,26 @@ use serde::{Deserialize, Serialize};
 
 use crate::account::{Applied, Command};
 
-/// A log entry's payload: the command, and the W3C `traceparent` of the request that wrote it
-/// (only with tracing on), so every branch that applies the entry joins the customer's trace.
+/// A log entry's payload: the writes proposed together (group commit, see [`crate::batch`]),
+/// applied in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
+    pub writes: Vec<Proposed>,
+}
+
+/// One customer write in a [`Proposal`]: the command, and the W3C `traceparent` of the request
+/// that wrote it (only with tracing on), so every branch that applies it joins the customer's
+/// trace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposed {
     pub command: Command,
     pub traceparent: Option<String>,
 }
 
 impl std::fmt::Display for Proposal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}", self.command)
+        let commands: Vec<&Command> = self.writes.iter().map(|write| &write.command).collect();
+        write!(f, "{commands:?}")
     }
 }
 
@@ -33,7 +42,7 @@ openraft::declare_raft_types!(
     /// openraft's type configuration for one replicated bank account.
     pub TypeConfig:
         D = Proposal,
-        R = Applied,
+        R = Vec<Applied>,
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,

@@ -20,6 +20,7 @@ use openraft::{
     StorageIOError, StoredMembership, Vote,
 };
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use super::disk::{DataDir, LogState as LogData, Record, SnapshotStore, StoreError};
 use super::{NodeId, TypeConfig, codec};
@@ -89,6 +90,7 @@ impl Storage {
             },
             state: StateMachine {
                 id: node_id,
+                applied: Arc::new(watch::channel(machine.state.last_applied.map(|id| id.index)).0),
                 inner: Arc::new(Mutex::new(machine)),
                 snapshots: Some(snapshots),
             },
@@ -245,6 +247,10 @@ pub struct StateMachine {
     /// The branch this replica belongs to (for its apply spans).
     id: NodeId,
     inner: Arc<Mutex<MachineData>>,
+    /// Index of the last applied entry, for requests waiting on it. openraft's own wait API
+    /// wakes every waiter on every metrics change and clones the whole metrics struct for each;
+    /// under load that cost more than the writes.
+    applied: Arc<watch::Sender<Option<u64>>>,
     /// Where snapshots are persisted, when the branch has a data directory.
     snapshots: Option<SnapshotStore>,
 }
@@ -261,8 +267,24 @@ impl StateMachine {
                 snapshot: None,
                 snapshot_seq: 0,
             })),
+            applied: Arc::new(watch::channel(None).0),
             snapshots: None,
         }
+    }
+
+    /// Waits until this replica has applied the entry at `index` (no timeout of its own).
+    pub async fn wait_applied(&self, index: u64) {
+        let mut applied = self.applied.subscribe();
+        // The sender lives as long as `self`, so this cannot fail while we wait.
+        let _ = applied.wait_for(|applied| *applied >= Some(index)).await;
+    }
+
+    fn publish_applied(&self, index: Option<u64>) {
+        self.applied.send_if_modified(|applied| {
+            let changed = *applied != index;
+            *applied = index;
+            changed
+        });
     }
 
     /// Writes a snapshot to the data directory (if any) before openraft relies on it.
@@ -381,7 +403,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((data.state.last_applied, data.state.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError<NodeId>>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<Applied>>, StorageError<NodeId>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
@@ -391,36 +413,37 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for entry in entries {
             data.state.last_applied = Some(entry.log_id);
             let applied = match entry.payload {
-                EntryPayload::Normal(proposal) => {
-                    // Only entries written under a sampled trace carry a traceparent.
-                    let span = match &proposal.traceparent {
-                        Some(traceparent) if telemetry::enabled() => {
-                            apply_span(self.id, entry.log_id.index, &proposal.command, traceparent)
+                EntryPayload::Normal(proposal) => proposal
+                    .writes
+                    .iter()
+                    .map(|write| {
+                        // Only writes made under a sampled trace carry a traceparent.
+                        let span = match &write.traceparent {
+                            Some(traceparent) if telemetry::enabled() => {
+                                apply_span(self.id, entry.log_id.index, &write.command, traceparent)
+                            }
+                            _ => tracing::Span::none(),
+                        };
+                        let applied = data.state.account.apply(&write.command);
+                        if !span.is_none() {
+                            span.record("result", outcome_label(applied.outcome));
+                            span.record("balance", applied.balance);
                         }
-                        _ => tracing::Span::none(),
-                    };
-                    let applied = data.state.account.apply(&proposal.command);
-                    if !span.is_none() {
-                        span.record("result", outcome_label(applied.outcome));
-                        span.record("balance", applied.balance);
-                    }
-                    applied
-                }
+                        applied
+                    })
+                    .collect(),
                 EntryPayload::Membership(membership) => {
                     data.state.membership = StoredMembership::new(Some(entry.log_id), membership);
-                    Applied {
-                        outcome: data.state.account.query(),
-                        balance: data.state.account.balance(),
-                    }
+                    Vec::new()
                 }
                 // openraft wants exactly one response per entry, blank ones included.
-                EntryPayload::Blank => Applied {
-                    outcome: data.state.account.query(),
-                    balance: data.state.account.balance(),
-                },
+                EntryPayload::Blank => Vec::new(),
             };
             results.push(applied);
         }
+        let last_applied = data.state.last_applied.map(|id| id.index);
+        drop(data);
+        self.publish_applied(last_applied);
         Ok(results)
     }
 
@@ -447,6 +470,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data: bytes,
         });
+        let last_applied = data.state.last_applied.map(|id| id.index);
+        drop(data);
+        self.publish_applied(last_applied);
         Ok(())
     }
 

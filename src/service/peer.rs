@@ -4,10 +4,10 @@
 use tonic::{Request, Response, Status};
 
 use crate::account::Command;
-use crate::branch::{Branch, SubmitError};
+use crate::branch::{Branch, Committed, SubmitError};
 use crate::proto;
 use crate::proto::peer::peer_server::Peer;
-use crate::proto::peer::{RaftPayload, ReadIndexReply, ReadIndexRequest, SubmitReply, SubmitRequest};
+use crate::proto::peer::{RaftPayload, ReadIndexReply, ReadIndexRequest, SubmitReply, SubmitRequest, WriteResult};
 use crate::replication::codec;
 use crate::telemetry;
 use tracing::Instrument as _;
@@ -51,22 +51,50 @@ impl Peer for PeerService {
     }
 
     async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<SubmitReply>, Status> {
-        // With tracing on, the leader's work joins the trace of the branch that forwarded it.
-        let span = if telemetry::enabled() {
-            let span = tracing::info_span!(
-                "peer.Submit",
-                otel.name = "distbank.peer.v1.Peer/Submit",
-                otel.kind = "server",
-                branch.id = self.branch.id(),
-                event.id = request.get_ref().event_id,
-                trace_id = tracing::field::Empty,
-            );
-            telemetry::set_parent_from_metadata(&span, request.metadata());
-            span
-        } else {
-            tracing::Span::none()
-        };
-        self.submit_traced(request).instrument(span).await
+        let writes = request.into_inner().writes;
+        // Every write is checked before any is proposed: a refused request changes nothing.
+        let commands = writes
+            .iter()
+            .enumerate()
+            .map(|(i, write)| {
+                let operation = proto::operation_from_peer(write.operation, write.amount).ok_or_else(|| {
+                    Status::invalid_argument(format!("write {i}: unknown operation {}", write.operation))
+                })?;
+                Command::for_request(write.event_id, operation)
+                    .ok_or_else(|| Status::invalid_argument(format!("write {i}: a query is a read, not a log entry")))
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        // Concurrent submissions: the leader's group commit puts them in as few entries as it can.
+        let results = futures::future::join_all(
+            writes
+                .iter()
+                .zip(commands)
+                .map(|(write, command)| self.submit_one(command, &write.traceparent)),
+        )
+        .await;
+        if !results.is_empty() && results.iter().all(|r| matches!(r, Err(SubmitError::NotLeader))) {
+            // The sender retries with whoever leads now.
+            return Err(Status::failed_precondition("not the leader"));
+        }
+        let results = results
+            .into_iter()
+            .map(|result| match result {
+                Ok(committed) => {
+                    let (outcome, balance) = proto::outcome_to_peer(committed.outcome, 0);
+                    WriteResult {
+                        log_index: committed.log_index,
+                        outcome: outcome as i32,
+                        balance,
+                        error: String::new(),
+                    }
+                }
+                Err(e) => WriteResult {
+                    error: e.to_string(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        Ok(Response::new(SubmitReply { results }))
     }
 
     async fn read_index(&self, _request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexReply>, Status> {
@@ -78,24 +106,22 @@ impl Peer for PeerService {
 }
 
 impl PeerService {
-    async fn submit_traced(&self, request: Request<SubmitRequest>) -> Result<Response<SubmitReply>, Status> {
-        let request = request.into_inner();
-        let operation = proto::operation_from_peer(request.operation, request.amount)
-            .ok_or_else(|| Status::invalid_argument(format!("unknown operation {}", request.operation)))?;
-        let command = Command::for_request(request.event_id, operation)
-            .ok_or_else(|| Status::invalid_argument("an anonymous query is a read, not a log entry"))?;
-        match self.branch.submit_local(command).await {
-            Ok(committed) => {
-                let (outcome, balance) = proto::outcome_to_peer(committed.outcome, 0);
-                Ok(Response::new(SubmitReply {
-                    log_index: committed.log_index,
-                    outcome: outcome as i32,
-                    balance,
-                }))
-            }
-            // The sender retries with whoever leads now.
-            Err(SubmitError::NotLeader) => Err(Status::failed_precondition("not the leader")),
-            Err(SubmitError::Failed(e)) => Err(e.into()),
-        }
+    /// One forwarded write; with tracing on, the leader's work joins the customer's trace.
+    async fn submit_one(&self, command: Command, traceparent: &str) -> Result<Committed, SubmitError> {
+        let span = if telemetry::enabled() && !traceparent.is_empty() {
+            let span = tracing::info_span!(
+                "peer.Submit",
+                otel.name = "distbank.peer.v1.Peer/Submit",
+                otel.kind = "server",
+                branch.id = self.branch.id(),
+                event.id = command.event_id(),
+                trace_id = tracing::field::Empty,
+            );
+            telemetry::set_parent_from_traceparent(&span, traceparent);
+            span
+        } else {
+            tracing::Span::none()
+        };
+        self.branch.submit_local(command).instrument(span).await
     }
 }
