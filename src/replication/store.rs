@@ -360,18 +360,25 @@ pub fn outcome_label(outcome: Outcome) -> &'static str {
     }
 }
 
+/// A snapshot of the state right now. The state is copied under the lock (a memcpy-like clone,
+/// about a millisecond for a full event-id table) and encoded outside it (tens of
+/// milliseconds), so applying entries and answering reads do not stall while it is built.
 #[allow(clippy::result_large_err)] // openraft's StorageError is what the storage traits return
-fn snapshot_of(data: &mut MachineData) -> Result<StoredSnapshot, StorageError<NodeId>> {
-    let bytes = codec::encode(&data.state).map_err(|e| StorageIOError::read_state_machine(&e))?;
-    data.snapshot_seq += 1;
-    let snapshot_id = match data.state.last_applied {
-        Some(last) => format!("{}-{}-{}", last.leader_id, last.index, data.snapshot_seq),
-        None => format!("--{}", data.snapshot_seq),
+fn snapshot_of(inner: &Mutex<MachineData>) -> Result<StoredSnapshot, StorageError<NodeId>> {
+    let (state, snapshot_seq) = {
+        let mut data = lock(inner);
+        data.snapshot_seq += 1;
+        (data.state.clone(), data.snapshot_seq)
+    };
+    let bytes = codec::encode(&state).map_err(|e| StorageIOError::read_state_machine(&e))?;
+    let snapshot_id = match state.last_applied {
+        Some(last) => format!("{}-{}-{}", last.leader_id, last.index, snapshot_seq),
+        None => format!("--{snapshot_seq}"),
     };
     Ok(StoredSnapshot {
         meta: SnapshotMeta {
-            last_log_id: data.state.last_applied,
-            last_membership: data.state.membership.clone(),
+            last_log_id: state.last_applied,
+            last_membership: state.membership,
             snapshot_id,
         },
         data: bytes,
@@ -380,7 +387,7 @@ fn snapshot_of(data: &mut MachineData) -> Result<StoredSnapshot, StorageError<No
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let snapshot = snapshot_of(&mut lock(&self.inner))?;
+        let snapshot = snapshot_of(&self.inner)?;
         // On disk before openraft sees it: it purges the log the snapshot covers right after.
         self.persist(&snapshot.meta, &snapshot.data).await?;
         let result = Snapshot {
