@@ -1,0 +1,153 @@
+//! Arbitrary batches of forwarded writes (`distbank.peer.v1.Peer/Submit`) over real gRPC against
+//! a real single-branch distbank (its own leader): no panic; a batch with any invalid write is
+//! refused with INVALID_ARGUMENT and changes nothing; an accepted batch answers every write, in
+//! order, exactly as a sequential model of the account with its event-id table does.
+#![no_main]
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use arbitrary::Arbitrary;
+use distbank::cluster::{ClusterOptions, LocalCluster};
+use distbank::proto::peer::peer_client::PeerClient;
+use distbank::proto::peer::{Operation, Outcome, SubmitRequest, Write};
+use libfuzzer_sys::fuzz_target;
+use tonic::Code;
+use tonic::transport::Channel;
+
+#[derive(Arbitrary, Debug)]
+struct FuzzWrite {
+    /// Event ids from a small range, so repeats are common and the idempotency table never
+    /// reaches its window (the model keeps every id).
+    event_id: Option<u16>,
+    operation: i32,
+    amount: u64,
+    traceparent: String,
+}
+
+/// What the model remembers per event id: the operation and amount, and the outcome.
+type Recorded = HashMap<u64, ((i32, u64), Outcome)>;
+
+struct Model {
+    balance: u64,
+    recorded: Recorded,
+}
+
+struct Target {
+    runtime: tokio::runtime::Runtime,
+    cluster: LocalCluster,
+    client: PeerClient<Channel>,
+    model: Mutex<Model>,
+}
+
+const INITIAL_BALANCE: u64 = 1_000;
+const MAX_BALANCE: u64 = i32::MAX as u64;
+
+fn target() -> &'static Target {
+    static TARGET: OnceLock<Target> = OnceLock::new();
+    TARGET.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (cluster, client) = runtime.block_on(async {
+            let options = ClusterOptions {
+                voters: 1,
+                ..Default::default()
+            };
+            let cluster = LocalCluster::start(&[1], INITIAL_BALANCE, &options)
+                .await
+                .expect("cluster starts");
+            cluster.wait_ready(Duration::from_secs(60)).await.expect("ready");
+            let addr = cluster.branches()[0].peer_addr;
+            let client = PeerClient::connect(format!("http://{addr}")).await.expect("connects");
+            (cluster, client)
+        });
+        Target {
+            runtime,
+            cluster,
+            client,
+            model: Mutex::new(Model {
+                balance: INITIAL_BALANCE,
+                recorded: HashMap::new(),
+            }),
+        }
+    })
+}
+
+fn valid(operation: i32) -> bool {
+    operation == Operation::Deposit as i32 || operation == Operation::Withdraw as i32
+}
+
+/// The model's answer to one write, applied to `model`.
+fn apply(model: &mut Model, write: &Write) -> Outcome {
+    let key = (write.operation, write.amount);
+    if let Some(id) = write.event_id
+        && let Some((recorded_key, outcome)) = model.recorded.get(&id)
+    {
+        return if *recorded_key == key { *outcome } else { Outcome::EventIdReused };
+    }
+    let outcome = if write.operation == Operation::Deposit as i32 {
+        match model.balance.checked_add(write.amount) {
+            Some(sum) if sum <= MAX_BALANCE => {
+                model.balance = sum;
+                Outcome::Success
+            }
+            _ => Outcome::Fail,
+        }
+    } else if write.amount <= model.balance {
+        model.balance -= write.amount;
+        Outcome::Success
+    } else {
+        Outcome::Fail
+    };
+    if let Some(id) = write.event_id {
+        model.recorded.insert(id, (key, outcome));
+    }
+    outcome
+}
+
+fuzz_target!(|writes: Vec<FuzzWrite>| {
+    let target = target();
+    let writes: Vec<Write> = writes
+        .into_iter()
+        .take(32)
+        .map(|w| Write {
+            event_id: w.event_id.map(|id| u64::from(id % 1000)),
+            operation: w.operation,
+            amount: w.amount,
+            traceparent: w.traceparent,
+        })
+        .collect();
+    let mut model = target.model.lock().unwrap_or_else(|p| p.into_inner());
+    let before = target.cluster.local_balances()[&1];
+    assert_eq!(before, model.balance, "the model and the branch disagree before the call");
+    let mut client = target.client.clone();
+    let reply = target.runtime.block_on(client.submit(SubmitRequest { writes: writes.clone() }));
+    match reply {
+        Err(status) => {
+            assert_eq!(status.code(), Code::InvalidArgument, "unexpected status {status:?}");
+            assert!(
+                writes.iter().any(|w| !valid(w.operation)),
+                "a batch of valid writes was refused: {status:?}"
+            );
+            let after = target.cluster.local_balances()[&1];
+            assert_eq!(after, before, "a refused batch changed the balance");
+        }
+        Ok(reply) => {
+            assert!(writes.iter().all(|w| valid(w.operation)), "an invalid write was accepted");
+            let results = reply.into_inner().results;
+            assert_eq!(results.len(), writes.len(), "one result per write");
+            for (write, result) in writes.iter().zip(&results) {
+                assert!(result.error.is_empty(), "the leader refused {write:?}: {}", result.error);
+                let expected = apply(&mut model, write);
+                assert_eq!(result.outcome, expected as i32, "answer to {write:?}");
+            }
+            // The reply comes once the leader (the only branch) has applied the batch.
+            let after = target.cluster.local_balances()[&1];
+            assert_eq!(after, model.balance, "the balance after {writes:?}");
+        }
+    }
+});
