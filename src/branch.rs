@@ -438,8 +438,14 @@ const BATCHES_IN_FLIGHT: usize = 1;
 
 /// Proposes one batch of writes as one log entry; every write gets the entry's fate. Bounded
 /// by `timeout`: the next batch waits for this one, so it must not wait forever.
-async fn propose(raft: Raft, timeout: Duration, writes: Vec<Proposed>) -> Vec<Result<Committed, SubmitError>> {
+async fn propose(
+    raft: Raft,
+    branch: NodeId,
+    timeout: Duration,
+    writes: Vec<Proposed>,
+) -> Vec<Result<Committed, SubmitError>> {
     let count = writes.len();
+    metrics::record_batch(branch, "entry", count);
     let Ok(result) = tokio::time::timeout(timeout, raft.client_write(Proposal { writes })).await else {
         return vec![Err(SubmitError::Unavailable(format!("no commit within {timeout:?}"))); count];
     };
@@ -472,6 +478,7 @@ async fn propose(raft: Raft, timeout: Duration, writes: Vec<Proposed>) -> Vec<Re
 async fn forward_batch(
     raft: Raft,
     peers: PeerChannels,
+    branch: NodeId,
     timeout: Duration,
     writes: Vec<(NodeId, Proposed)>,
 ) -> Vec<Result<Committed, String>> {
@@ -482,6 +489,7 @@ async fn forward_batch(
     }
     for (leader, writes) in by_leader {
         let (positions, writes): (Vec<usize>, Vec<Proposed>) = writes.into_iter().unzip();
+        metrics::record_batch(branch, "forward", writes.len());
         // A leader that is deposed (or cut off) mid-call would hold up every write queued
         // behind this batch until the timeout; the callers retry with the new leader instead.
         let answer = tokio::select! {
@@ -702,12 +710,12 @@ pub async fn start_with_health(
                 read_indexes: Coalescer::new(round(false)),
                 leader_read_indexes: Coalescer::new(round(true)),
                 proposals: Batcher::new(BATCHES_IN_FLIGHT, MAX_WRITES_PER_BATCH, {
-                    let (raft, timeout) = (raft.clone(), config.request_timeout);
-                    move |writes| Box::pin(propose(raft.clone(), timeout, writes))
+                    let (raft, id, timeout) = (raft.clone(), config.id, config.request_timeout);
+                    move |writes| Box::pin(propose(raft.clone(), id, timeout, writes))
                 }),
                 forwards: Batcher::new(BATCHES_IN_FLIGHT, MAX_WRITES_PER_BATCH, {
-                    let (raft, peers, timeout) = (raft.clone(), peers.clone(), config.request_timeout);
-                    move |writes| Box::pin(forward_batch(raft.clone(), peers.clone(), timeout, writes))
+                    let (raft, peers, id, timeout) = (raft.clone(), peers.clone(), config.id, config.request_timeout);
+                    move |writes| Box::pin(forward_batch(raft.clone(), peers.clone(), id, timeout, writes))
                 }),
                 raft,
                 peers,

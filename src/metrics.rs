@@ -7,6 +7,8 @@
 //!   the leader `distbank_raft_replication_lag_entries{branch,peer}`; read at scrape time from
 //!   openraft's metrics, so they cost nothing between scrapes;
 //! - `distbank_peer_up{branch,peer}`: whether the last Raft RPC to that peer got an answer;
+//! - `distbank_writes_per_batch{branch,kind}`: group commit at work, writes per log entry
+//!   (`kind="entry"`, on the leader) and per forwarded `Submit` (`kind="forward"`);
 //! - `distbank_ready{branch}`: the readiness health status.
 //!
 //! Without `--metrics-listen` nothing is recorded ([`enabled`] is false).
@@ -48,6 +50,12 @@ struct BranchLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BatchLabels {
+    branch: u64,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabels {
     branch: u64,
     peer: u64,
@@ -57,6 +65,7 @@ struct Metrics {
     registry: Registry,
     operations: Family<OperationLabels, Counter>,
     latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    batch_size: Family<BatchLabels, Histogram, fn() -> Histogram>,
     peer_up: Family<PeerLabels, Gauge>,
     ready: Family<BranchLabels, Gauge>,
     term: Family<BranchLabels, Gauge>,
@@ -75,6 +84,11 @@ fn latency_histogram() -> Histogram {
     ))
 }
 
+fn batch_size_histogram() -> Histogram {
+    // 1 .. 256 writes: a lone write, up to the largest batch (`MAX_WRITES_PER_BATCH`).
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 9))
+}
+
 impl Metrics {
     fn new() -> Metrics {
         let mut registry = Registry::with_prefix("distbank");
@@ -90,6 +104,13 @@ impl Metrics {
             "operation_duration_seconds",
             "Time to answer a customer operation (consensus included)",
             latency.clone(),
+        );
+        let batch_size: Family<BatchLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(batch_size_histogram);
+        registry.register(
+            "writes_per_batch",
+            "Writes per log entry (kind=entry, on the leader) and per forwarded Submit (kind=forward)",
+            batch_size.clone(),
         );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
             let family = Family::<BranchLabels, Gauge>::default();
@@ -126,6 +147,7 @@ impl Metrics {
             registry,
             operations,
             latency,
+            batch_size,
             peer_up,
             ready,
             term,
@@ -203,6 +225,16 @@ pub fn record_operation(branch: NodeId, operation: &'static str, result: &'stati
 }
 
 /// Records whether the last Raft RPC from `branch` to `peer` got an answer.
+/// One group-commit batch of `writes` writes: a log entry (`"entry"`) or a forwarded `Submit`
+/// (`"forward"`).
+pub fn record_batch(branch: NodeId, kind: &'static str, writes: usize) {
+    if let Some(m) = metrics() {
+        m.batch_size
+            .get_or_create(&BatchLabels { branch, kind })
+            .observe(writes as f64);
+    }
+}
+
 pub fn record_peer(branch: NodeId, peer: NodeId, up: bool) {
     if let Some(m) = metrics() {
         m.peer_up.get_or_create(&PeerLabels { branch, peer }).set(i64::from(up));

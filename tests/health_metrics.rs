@@ -198,6 +198,11 @@ async fn metrics_count_operations_and_readiness_drops_before_the_listener_closes
     );
     let applied = r#"distbank_raft_last_applied_index{branch="1"}"#;
     assert!(after.get(applied) > before.get(applied), "the applied index moved");
+    // Two sequential deposits on the leader: two log entries of one write each.
+    let entries = r#"distbank_writes_per_batch_count{branch="1",kind="entry"}"#;
+    let writes = r#"distbank_writes_per_batch_sum{branch="1",kind="entry"}"#;
+    assert_eq!(after.get(entries), Some(&2.0), "{after:#?}");
+    assert_eq!(after.get(writes), Some(&2.0), "{after:#?}");
 
     // SIGTERM: readiness must turn NOT_SERVING on the still-open listener, then the process
     // drains and exits cleanly.
