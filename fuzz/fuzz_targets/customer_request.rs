@@ -2,12 +2,13 @@
 //! panic, only the documented status codes, and a refused request changes nothing.
 #![no_main]
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use distbank::cluster::{ClusterOptions, LocalCluster};
+use distbank::cluster::LocalCluster;
 use distbank::proto::bank::TransactionRequest;
 use distbank::proto::bank::bank_client::BankClient;
 use libfuzzer_sys::fuzz_target;
@@ -53,22 +54,11 @@ struct Target {
 fn target() -> &'static Target {
     static TARGET: OnceLock<Target> = OnceLock::new();
     TARGET.get_or_init(|| {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let (cluster, client) = runtime.block_on(async {
-            let options = ClusterOptions {
-                voters: 1,
-                ..Default::default()
-            };
-            let cluster = LocalCluster::start(&[1], 0, &options).await.expect("cluster starts");
-            cluster.wait_ready(Duration::from_secs(60)).await.expect("ready");
-            let addr = cluster.customer_addrs()[&1];
-            let client = BankClient::connect(format!("http://{addr}")).await.expect("connects");
-            (cluster, client)
-        });
+        let (runtime, cluster) = common::single_branch(0);
+        let addr = cluster.customer_addrs()[&1];
+        let client = runtime
+            .block_on(BankClient::connect(format!("http://{addr}")))
+            .expect("connects");
         Target {
             runtime,
             cluster,

@@ -4,12 +4,13 @@
 //! order, exactly as a sequential model of the account with its event-id table does.
 #![no_main]
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use distbank::cluster::{ClusterOptions, LocalCluster};
+use distbank::cluster::LocalCluster;
 use distbank::proto::peer::peer_client::PeerClient;
 use distbank::proto::peer::{Operation, Outcome, SubmitRequest, Write};
 use libfuzzer_sys::fuzz_target;
@@ -47,24 +48,11 @@ const MAX_BALANCE: u64 = i32::MAX as u64;
 fn target() -> &'static Target {
     static TARGET: OnceLock<Target> = OnceLock::new();
     TARGET.get_or_init(|| {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let (cluster, client) = runtime.block_on(async {
-            let options = ClusterOptions {
-                voters: 1,
-                ..Default::default()
-            };
-            let cluster = LocalCluster::start(&[1], INITIAL_BALANCE, &options)
-                .await
-                .expect("cluster starts");
-            cluster.wait_ready(Duration::from_secs(60)).await.expect("ready");
-            let addr = cluster.branches()[0].peer_addr;
-            let client = PeerClient::connect(format!("http://{addr}")).await.expect("connects");
-            (cluster, client)
-        });
+        let (runtime, cluster) = common::single_branch(INITIAL_BALANCE);
+        let addr = cluster.branches()[0].peer_addr;
+        let client = runtime
+            .block_on(PeerClient::connect(format!("http://{addr}")))
+            .expect("connects");
         Target {
             runtime,
             cluster,
@@ -87,7 +75,11 @@ fn apply(model: &mut Model, write: &Write) -> Outcome {
     if let Some(id) = write.event_id
         && let Some((recorded_key, outcome)) = model.recorded.get(&id)
     {
-        return if *recorded_key == key { *outcome } else { Outcome::EventIdReused };
+        return if *recorded_key == key {
+            *outcome
+        } else {
+            Outcome::EventIdReused
+        };
     }
     let outcome = if write.operation == Operation::Deposit as i32 {
         match model.balance.checked_add(write.amount) {
@@ -123,9 +115,14 @@ fuzz_target!(|writes: Vec<FuzzWrite>| {
         .collect();
     let mut model = target.model.lock().unwrap_or_else(|p| p.into_inner());
     let before = target.cluster.local_balances()[&1];
-    assert_eq!(before, model.balance, "the model and the branch disagree before the call");
+    assert_eq!(
+        before, model.balance,
+        "the model and the branch disagree before the call"
+    );
     let mut client = target.client.clone();
-    let reply = target.runtime.block_on(client.submit(SubmitRequest { writes: writes.clone() }));
+    let reply = target
+        .runtime
+        .block_on(client.submit(SubmitRequest { writes: writes.clone() }));
     match reply {
         Err(status) => {
             assert_eq!(status.code(), Code::InvalidArgument, "unexpected status {status:?}");
@@ -137,11 +134,18 @@ fuzz_target!(|writes: Vec<FuzzWrite>| {
             assert_eq!(after, before, "a refused batch changed the balance");
         }
         Ok(reply) => {
-            assert!(writes.iter().all(|w| valid(w.operation)), "an invalid write was accepted");
+            assert!(
+                writes.iter().all(|w| valid(w.operation)),
+                "an invalid write was accepted"
+            );
             let results = reply.into_inner().results;
             assert_eq!(results.len(), writes.len(), "one result per write");
             for (write, result) in writes.iter().zip(&results) {
-                assert!(result.error.is_empty(), "the leader refused {write:?}: {}", result.error);
+                assert!(
+                    result.error.is_empty(),
+                    "the leader refused {write:?}: {}",
+                    result.error
+                );
                 let expected = apply(&mut model, write);
                 assert_eq!(result.outcome, expected as i32, "answer to {write:?}");
             }

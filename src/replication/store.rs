@@ -279,7 +279,10 @@ impl StateMachine {
         let _ = applied.wait_for(|applied| *applied >= Some(index)).await;
     }
 
-    fn publish_applied(&self, index: Option<u64>) {
+    /// Publishes the applied index `data` holds to the waiters, after releasing the lock.
+    fn publish_applied(&self, data: MutexGuard<'_, MachineData>) {
+        let index = data.state.last_applied.map(|id| id.index);
+        drop(data);
         self.applied.send_if_modified(|applied| {
             let changed = *applied != index;
             *applied = index;
@@ -323,9 +326,9 @@ impl StateMachine {
         lock(&self.inner).state.account.recorded_events()
     }
 
-    /// Index of the last entry this replica has applied.
+    /// Index of the last entry this replica has applied (what [`Self::wait_applied`] waits on).
     pub fn last_applied_index(&self) -> Option<u64> {
-        lock(&self.inner).state.last_applied.map(|id| id.index)
+        *self.applied.borrow()
     }
 }
 
@@ -448,9 +451,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             results.push(applied);
         }
-        let last_applied = data.state.last_applied.map(|id| id.index);
-        drop(data);
-        self.publish_applied(last_applied);
+        self.publish_applied(data);
         Ok(results)
     }
 
@@ -477,9 +478,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data: bytes,
         });
-        let last_applied = data.state.last_applied.map(|id| id.index);
-        drop(data);
-        self.publish_applied(last_applied);
+        self.publish_applied(data);
         Ok(())
     }
 
