@@ -824,7 +824,7 @@ async fn serve(
     let peer_server = tokio::spawn(
         peer_builder
             .add_service(
-                PeerServer::new(PeerService::new(branch.clone()))
+                PeerServer::new(PeerService::new(branch.clone(), peer_stop.clone()))
                     .max_decoding_message_size(MAX_PEER_MESSAGE)
                     .max_encoding_message_size(MAX_PEER_MESSAGE),
             )

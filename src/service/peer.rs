@@ -1,7 +1,11 @@
 //! The peer-only API: Raft's messages (opaque bincode payloads) and the two branch-level
 //! calls a non-leader needs from the leader, `Submit` and `ReadIndex`.
 
-use tonic::{Request, Response, Status};
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt as _};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::account::Command;
 use crate::branch::{Branch, Committed, SubmitError};
@@ -14,11 +18,15 @@ use tracing::Instrument as _;
 
 pub struct PeerService {
     branch: Branch,
+    /// Ends the long-lived AppendEntries streams, which would otherwise hold the peer
+    /// server's graceful shutdown open for as long as the leader at the other end lives.
+    stop: CancellationToken,
 }
 
 impl PeerService {
-    pub fn new(branch: Branch) -> PeerService {
-        PeerService { branch }
+    /// `stop`: cancelled when the peer server shuts down.
+    pub fn new(branch: Branch, stop: CancellationToken) -> PeerService {
+        PeerService { branch, stop }
     }
 }
 
@@ -38,6 +46,32 @@ impl Peer for PeerService {
     async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let result = self.branch.raft().append_entries(decode(request)?).await;
         encode(&result)
+    }
+
+    type AppendEntriesStreamStream = Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + Send + 'static>>;
+
+    /// One reply per request, in order: `then` handles one message at a time, as openraft's
+    /// replication to one peer sends the next request only after the reply to the last.
+    async fn append_entries_stream(
+        &self,
+        request: Request<Streaming<RaftPayload>>,
+    ) -> Result<Response<Self::AppendEntriesStreamStream>, Status> {
+        let raft = self.branch.raft().clone();
+        let replies = request
+            .into_inner()
+            .then(move |message| {
+                let raft = raft.clone();
+                async move {
+                    let request = codec::decode(&message?.data)
+                        .map_err(|e| Status::invalid_argument(format!("undecodable Raft message: {e}")))?;
+                    let result = raft.append_entries(request).await;
+                    codec::encode(&result)
+                        .map(|data| RaftPayload { data })
+                        .map_err(|e| Status::internal(format!("cannot encode Raft reply: {e}")))
+                }
+            })
+            .take_until(self.stop.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
