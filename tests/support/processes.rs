@@ -15,12 +15,36 @@ use distbank::proto::peer::ReadIndexRequest;
 use distbank::proto::peer::peer_client::PeerClient;
 use distbank::replay::BranchClients;
 
-/// `n` distinct ports free on 127.0.0.1 right now (held until all are chosen).
+/// `n` distinct ports free on 127.0.0.1 right now, for child processes to bind.
+///
+/// Chosen below the kernel's ephemeral range: a port from there (`bind(:0)`) is free only until
+/// the kernel hands it out again, to the next `bind(:0)` (a test's proxy) or as the local port
+/// of an outgoing connection, and a branch process that starts, or restarts after a kill, a
+/// moment later cannot bind it. Each call in a process continues where the last one stopped,
+/// from an offset derived from the process id, so concurrent tests do not pick the same ports.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    held.iter().map(|l| l.local_addr().expect("addr").port()).collect()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_low.saturating_sub(LOWEST).max(1_000);
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    let mut ports = Vec::with_capacity(n);
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = LOWEST + (start + offset) % span;
+        let Ok(port) = u16::try_from(port) else { continue };
+        // Bindable now; released at once, and the kernel itself never hands out ports here.
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+            if ports.len() == n {
+                return ports;
+            }
+        }
+    }
+    panic!("fewer than {n} free ports between {LOWEST} and {ephemeral_low} on 127.0.0.1");
 }
 
 /// How to start one branch process.
