@@ -167,14 +167,11 @@ impl PeerConnection {
         Ok(AppendStream { requests, replies })
     }
 
-    async fn append_on_stream<E>(
+    async fn append_on_stream(
         &mut self,
         request: &AppendEntriesRequest<TypeConfig>,
         option: &RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
-    where
-        E: std::error::Error + DeserializeOwned,
-    {
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         let data = codec::encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let reply = match self.call_on_stream(data).await {
             Err(status) if status.code() == tonic::Code::Unimplemented => {
