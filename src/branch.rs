@@ -363,20 +363,13 @@ impl Branch {
     }
 
     async fn forward_read_index(&self, leader: NodeId, deadline: Instant) -> Result<Option<u64>, String> {
-        let mut client = self.peer_client(leader)?;
+        let mut client = peer_client(&self.inner.raft, &self.inner.peers, leader)?;
         let request = tonic::Request::new(proto::peer::ReadIndexRequest {});
         let timeout = deadline.saturating_duration_since(Instant::now());
         let reply = transport::call(timeout, request, |r| client.read_index(r))
             .await
             .map_err(|status| format!("read index from leader {leader}: {}", status.message()))?;
         Ok(reply.into_inner().read_index)
-    }
-
-    fn peer_client(
-        &self,
-        target: NodeId,
-    ) -> Result<proto::peer::peer_client::PeerClient<tonic::transport::Channel>, String> {
-        peer_client(&self.inner.raft, &self.inner.peers, target)
     }
 
     /// Index of the last entry this replica has applied.

@@ -30,22 +30,22 @@ impl PeerService {
     }
 }
 
-fn decode<T: serde::de::DeserializeOwned>(request: Request<RaftPayload>) -> Result<T, Status> {
-    codec::decode(&request.into_inner().data)
-        .map_err(|e| Status::invalid_argument(format!("undecodable Raft message: {e}")))
+/// A Raft message from its payload (unary calls and stream messages alike).
+fn decode<T: serde::de::DeserializeOwned>(payload: &RaftPayload) -> Result<T, Status> {
+    codec::decode(&payload.data).map_err(|e| Status::invalid_argument(format!("undecodable Raft message: {e}")))
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
+fn encode<T: serde::Serialize>(value: &T) -> Result<RaftPayload, Status> {
     codec::encode(value)
-        .map(|data| Response::new(RaftPayload { data }))
+        .map(|data| RaftPayload { data })
         .map_err(|e| Status::internal(format!("cannot encode Raft reply: {e}")))
 }
 
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let result = self.branch.raft().append_entries(decode(request)?).await;
-        encode(&result)
+        let result = self.branch.raft().append_entries(decode(request.get_ref())?).await;
+        encode(&result).map(Response::new)
     }
 
     type AppendEntriesStreamStream = Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + Send + 'static>>;
@@ -62,12 +62,8 @@ impl Peer for PeerService {
             .then(move |message| {
                 let raft = raft.clone();
                 async move {
-                    let request = codec::decode(&message?.data)
-                        .map_err(|e| Status::invalid_argument(format!("undecodable Raft message: {e}")))?;
-                    let result = raft.append_entries(request).await;
-                    codec::encode(&result)
-                        .map(|data| RaftPayload { data })
-                        .map_err(|e| Status::internal(format!("cannot encode Raft reply: {e}")))
+                    let result = raft.append_entries(decode(&message?)?).await;
+                    encode(&result)
                 }
             })
             .take_until(self.stop.clone().cancelled_owned());
@@ -75,13 +71,13 @@ impl Peer for PeerService {
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let result = self.branch.raft().vote(decode(request)?).await;
-        encode(&result)
+        let result = self.branch.raft().vote(decode(request.get_ref())?).await;
+        encode(&result).map(Response::new)
     }
 
     async fn install_snapshot(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let result = self.branch.raft().install_snapshot(decode(request)?).await;
-        encode(&result)
+        let result = self.branch.raft().install_snapshot(decode(request.get_ref())?).await;
+        encode(&result).map(Response::new)
     }
 
     async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<SubmitReply>, Status> {
