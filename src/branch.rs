@@ -660,12 +660,19 @@ pub async fn start_with_health(
         }
     };
     let state = storage.state.clone();
-    let peers = PeerChannels::new(
+    let mut peers = PeerChannels::new(
         config.id,
         Duration::from_secs(2),
         config.members.clone(),
         config.tls.peer.as_ref().map(|tls| tls.client.clone()),
     );
+    // Learners get entries with their commit attached (one message per write instead of two)
+    // only when the log lives in memory: with a data directory a learner fsyncs what it
+    // appends, and holding its entries until the commit would put that fsync after the commit
+    // instead of beside the voters' (see replication::piggyback).
+    if config.data_dir.is_none() {
+        peers = peers.with_piggyback(state.clone());
+    }
     let raft = Raft::new(
         config.id,
         Arc::new(raft_config(config.timing)?),

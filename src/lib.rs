@@ -20,7 +20,8 @@
 //!   one round through [`coalesce`]) or logged when they carry an event id.
 //! - [`replication`] is the openraft glue: type config, the log and state machine stores (in
 //!   memory, or backed by a data directory with `distbank branch --data-dir`:
-//!   [`replication::disk`] is the checksummed on-disk format), the peer network client.
+//!   [`replication::disk`] is the checksummed on-disk format), the peer network client
+//!   ([`replication::piggyback`]: learners get each entry with its commit, one message per write).
 //! - [`account`] is the state machine itself, pure: balance, withdraw-fails-when-short, the
 //!   event-id → result table.
 //! - [`output`] writes the course-format output.json atomically.

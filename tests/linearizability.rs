@@ -3,6 +3,7 @@
 //! sequential specification of one account, checked by a Wing-Gong/Lowe search
 //! (`support/linearizability.rs`, with its own negative tests). Afterwards every replica
 //! holds the same balance, equal to initial + successful deposits - successful withdrawals.
+//! One run keeps moving the leadership between the voters while the clients run.
 
 mod support;
 
@@ -10,6 +11,9 @@ mod support;
 mod linearizability;
 
 use std::time::Instant;
+
+use distbank::cluster::LocalCluster;
+use tokio_util::sync::CancellationToken;
 
 use linearizability::{Call, Op, Ret, Verdict};
 use rand::Rng as _;
@@ -68,18 +72,68 @@ async fn client(
     history
 }
 
+/// Hands the leadership to another voter every few hundred milliseconds until `stop`, and
+/// returns how many leaderships there were. Writes in flight meet a leader that steps down:
+/// entries an old leader sent (to learners, with a commit attached) must never count as
+/// committed unless they are (`replication::piggyback`).
+async fn move_leadership(cluster: &LocalCluster, voters: u64, seed: u64, stop: CancellationToken) -> usize {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut leaders = std::collections::BTreeSet::new();
+    while !stop.is_cancelled() {
+        let pause = std::time::Duration::from_millis(rng.random_range(150..400));
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        let metrics = cluster.branches()[0].branch.raft().metrics().borrow().clone();
+        if let Some(leader) = metrics.current_leader {
+            leaders.insert((metrics.current_term, leader));
+            let candidates: Vec<u64> = (1..=voters).filter(|id| *id != leader).collect();
+            let next = candidates[rng.random_range(0..candidates.len())];
+            let raft = cluster.branches()[next as usize - 1].branch.raft();
+            // A refused election (log behind, or the leader still heard) changes nothing.
+            let _ = raft.trigger().elect().await;
+        }
+    }
+    leaders.len()
+}
+
 async fn concurrent_history_is_linearizable(branches: u64, voters: usize, seed: u64) {
+    linearizable_run(branches, voters, seed, false).await;
+}
+
+async fn linearizable_run(branches: u64, voters: usize, seed: u64, move_leaders: bool) {
     let cluster = support::start_cluster(branches, INITIAL, voters).await;
     let clients = support::clients(&cluster);
     let start = Instant::now();
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|i| tokio::spawn(client(i, branches, clients.clone(), start, seed)))
         .collect();
-    let mut history = Vec::new();
-    for task in tasks {
-        history.extend(task.await.expect("client task"));
-    }
+    let stop = CancellationToken::new();
+    let elections = async {
+        if move_leaders {
+            move_leadership(&cluster, voters as u64, seed, stop.clone()).await
+        } else {
+            0
+        }
+    };
+    let clients_done = async {
+        let mut history = Vec::new();
+        for task in tasks {
+            history.extend(task.await.expect("client task"));
+        }
+        stop.cancel();
+        history
+    };
+    let (history, leaderships) = tokio::join!(clients_done, elections);
     let elapsed = start.elapsed();
+    if move_leaders {
+        println!("{leaderships} leaderships seen during the run");
+        assert!(
+            leaderships >= 3,
+            "the leadership moved too rarely to test anything: {leaderships}"
+        );
+    }
 
     let checked = Instant::now();
     let verdict = linearizability::check(INITIAL, &history, 20_000_000);
@@ -109,6 +163,13 @@ async fn concurrent_history_is_linearizable(branches: u64, voters: usize, seed: 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_clients_on_five_branches_three_voters() {
     concurrent_history_is_linearizable(5, 3, 1).await;
+}
+
+/// Learners receive entries with their commit attached (`replication::piggyback`); here the
+/// leadership keeps moving while they do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_clients_on_seven_branches_while_the_leadership_moves() {
+    linearizable_run(7, 3, 3, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,6 +23,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, ClientTlsConfig};
 
+use super::piggyback::{LearnerLink, Piggyback};
+use super::store::StateMachine;
 use super::{NodeId, TypeConfig, codec};
 use crate::proto::peer::RaftPayload;
 use crate::proto::peer::peer_client::PeerClient;
@@ -45,6 +47,8 @@ pub struct PeerChannels {
     connect_timeout: Duration,
     /// Mutual TLS towards peers, when configured.
     tls: Option<ClientTlsConfig>,
+    /// This branch's replica, for sending learners their entries with the commit attached.
+    piggyback: Option<Piggyback>,
 }
 
 impl PeerChannels {
@@ -60,7 +64,15 @@ impl PeerChannels {
             configured: Arc::new(configured),
             connect_timeout,
             tls,
+            piggyback: None,
         }
+    }
+
+    /// Sends learners their entries with the commit attached, as known from `replica` (this
+    /// branch's own): see [`super::piggyback`].
+    pub fn with_piggyback(mut self, replica: StateMachine) -> PeerChannels {
+        self.piggyback = Some(Piggyback::new(replica));
+        self
     }
 
     /// The peer client for `target`: at its configured address if it has one, else at `addr`
@@ -92,6 +104,8 @@ impl RaftNetworkFactory<TypeConfig> for PeerChannels {
             client: self.client(target, &node.addr).map_err(|e| e.to_string()),
             append_stream: None,
             unary_only: false,
+            piggyback: self.piggyback.clone(),
+            learner: LearnerLink::default(),
         }
     }
 }
@@ -107,6 +121,9 @@ pub struct PeerConnection {
     append_stream: Option<AppendStream>,
     /// The peer does not know the streaming call (an older release during a rolling upgrade).
     unary_only: bool,
+    piggyback: Option<Piggyback>,
+    /// What the peer last acknowledged, while it is a learner.
+    learner: LearnerLink,
 }
 
 struct AppendStream {
@@ -254,10 +271,26 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        if self.unary_only {
-            return self.call(Rpc::AppendEntries, &rpc, &option).await;
+        let mut rpc = rpc;
+        let piggyback = self.piggyback.as_ref().filter(|p| p.is_learner(self.target));
+        if let Some(piggyback) = piggyback {
+            let window = option.hard_ttl() / 4;
+            if self.learner.redundant(&rpc, window) {
+                return Ok(AppendEntriesResponse::Success);
+            }
+            piggyback.attach_commit(&mut rpc, window).await;
         }
-        self.append_on_stream(&rpc, &option).await
+        let learner = piggyback.is_some();
+        let reply = if self.unary_only {
+            self.call(Rpc::AppendEntries, &rpc, &option).await
+        } else {
+            self.append_on_stream(&rpc, &option).await
+        };
+        if learner {
+            self.learner
+                .record(&rpc, matches!(reply, Ok(AppendEntriesResponse::Success)));
+        }
+        reply
     }
 
     async fn install_snapshot(
@@ -296,7 +329,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use futures::{Stream, StreamExt as _};
-    use openraft::Vote;
+    use openraft::storage::RaftStateMachine as _;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership, Vote};
     use tokio_stream::wrappers::TcpListenerStream;
     use tonic::{Request, Response, Status, Streaming};
 
@@ -309,6 +343,8 @@ mod tests {
         streams_opened: AtomicUsize,
         streamed: AtomicUsize,
         unary: AtomicUsize,
+        /// The commit the last AppendEntries carried.
+        last_commit: Mutex<Option<LogId<NodeId>>>,
     }
 
     struct WirePeer {
@@ -317,9 +353,10 @@ mod tests {
         stream_replies: Option<usize>,
     }
 
-    fn answer(data: &[u8]) -> Result<RaftPayload, Status> {
-        let _: AppendEntriesRequest<TypeConfig> =
+    fn answer(counts: &Counts, data: &[u8]) -> Result<RaftPayload, Status> {
+        let request: AppendEntriesRequest<TypeConfig> =
             codec::decode(data).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        *counts.last_commit.lock().unwrap_or_else(|p| p.into_inner()) = request.leader_commit;
         let reply: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = Ok(AppendEntriesResponse::Success);
         Ok(RaftPayload {
             data: codec::encode(&reply).map_err(|e| Status::internal(e.to_string()))?,
@@ -330,7 +367,7 @@ mod tests {
     impl Peer for WirePeer {
         async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
             self.counts.unary.fetch_add(1, Ordering::SeqCst);
-            answer(&request.into_inner().data).map(Response::new)
+            answer(&self.counts, &request.into_inner().data).map(Response::new)
         }
 
         type AppendEntriesStreamStream = Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + Send + 'static>>;
@@ -346,7 +383,7 @@ mod tests {
             let counts = self.counts.clone();
             let replies = request.into_inner().take(limit).map(move |message| {
                 counts.streamed.fetch_add(1, Ordering::SeqCst);
-                answer(&message?.data)
+                answer(&counts, &message?.data)
             });
             Ok(Response::new(Box::pin(replies)))
         }
@@ -382,13 +419,17 @@ mod tests {
 
     /// A wire peer (`stream_replies` as in [`WirePeer`]) and a connection to it.
     async fn connect(stream_replies: Option<usize>) -> (Arc<Counts>, PeerConnection) {
+        let channels = PeerChannels::new(1, Duration::from_secs(5), BTreeMap::new(), None);
+        connect_from(channels, stream_replies).await
+    }
+
+    async fn connect_from(mut channels: PeerChannels, stream_replies: Option<usize>) -> (Arc<Counts>, PeerConnection) {
         let counts = Arc::new(Counts::default());
         let addr = serve(WirePeer {
             counts: counts.clone(),
             stream_replies,
         })
         .await;
-        let mut channels = PeerChannels::new(1, Duration::from_secs(5), BTreeMap::new(), None);
         let connection = channels.new_client(2, &BasicNode::new(addr.to_string())).await;
         (counts, connection)
     }
@@ -444,5 +485,125 @@ mod tests {
         }
         assert_eq!(counts.streams_opened.load(Ordering::SeqCst), 0);
         assert_eq!(counts.unary.load(Ordering::SeqCst), 3);
+    }
+
+    fn log_id(index: u64) -> LogId<NodeId> {
+        LogId::new(CommittedLeaderId::new(1, 1), index)
+    }
+
+    fn blank(index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: log_id(index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    /// Leader 1's replica, which has applied entry 1: a membership with node 1 as the voter and
+    /// node 2 (`learner`) or node 3 as the learner.
+    async fn leader_replica(learner: NodeId) -> StateMachine {
+        let mut replica = StateMachine::new(1, 0);
+        let membership = Membership::new(vec![[1].into()], std::collections::BTreeSet::from([learner]));
+        let entry = Entry {
+            log_id: log_id(1),
+            payload: EntryPayload::Membership(membership),
+        };
+        replica.apply([entry]).await.expect("apply membership");
+        replica
+    }
+
+    /// Entries 2..=3 after entry 1, committed up to 1 (what openraft sends a new entry with).
+    fn new_entries() -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: Some(log_id(1)),
+            entries: vec![blank(2), blank(3)],
+            leader_commit: Some(log_id(1)),
+        }
+    }
+
+    fn commit_notice(index: u64) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: Some(log_id(3)),
+            entries: Vec::new(),
+            leader_commit: Some(log_id(index)),
+        }
+    }
+
+    fn last_commit(counts: &Counts) -> Option<LogId<NodeId>> {
+        *counts.last_commit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A connection from leader 1 (its replica as in [`leader_replica`]) to a wire peer as node 2.
+    async fn leader_connection(learner: NodeId) -> (StateMachine, Arc<Counts>, PeerConnection) {
+        let replica = leader_replica(learner).await;
+        let channels =
+            PeerChannels::new(1, Duration::from_secs(5), BTreeMap::new(), None).with_piggyback(replica.clone());
+        let (counts, connection) = connect_from(channels, Some(usize::MAX)).await;
+        (replica, counts, connection)
+    }
+
+    /// Sends `request` with openraft's timeout `ttl`; the peer answers Success.
+    async fn send(connection: &mut PeerConnection, request: AppendEntriesRequest<TypeConfig>, ttl: Duration) {
+        let reply = connection.append_entries(request, RPCOption::new(ttl)).await;
+        assert!(matches!(reply, Ok(AppendEntriesResponse::Success)), "{reply:?}");
+    }
+
+    /// Long enough that only an apply can release held entries in time.
+    const LONG: Duration = Duration::from_secs(240);
+
+    #[tokio::test]
+    async fn a_learner_gets_new_entries_with_their_commit_and_no_separate_notice() {
+        let (mut replica, counts, mut connection) = leader_connection(2).await;
+        let mut sending = tokio::spawn(async move {
+            send(&mut connection, new_entries(), LONG).await;
+            connection
+        });
+        let early = tokio::time::timeout(Duration::from_millis(200), &mut sending).await;
+        assert!(early.is_err(), "entries went out before the leader applied them");
+        assert_eq!(counts.streamed.load(Ordering::SeqCst), 0);
+
+        replica.apply([blank(2), blank(3)]).await.expect("apply");
+        let mut connection = sending.await.expect("task");
+        assert_eq!(counts.streamed.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            last_commit(&counts),
+            Some(log_id(3)),
+            "the commit travels with the entries"
+        );
+
+        // openraft's commit notice for entry 3 tells the learner nothing new: answered here.
+        send(&mut connection, commit_notice(3), LONG).await;
+        assert_eq!(counts.streamed.load(Ordering::SeqCst), 1);
+        // A later commit is news, and goes.
+        replica.apply([blank(4)]).await.expect("apply");
+        send(&mut connection, commit_notice(4), LONG).await;
+        assert_eq!(counts.streamed.load(Ordering::SeqCst), 2);
+        assert_eq!(last_commit(&counts), Some(log_id(4)));
+    }
+
+    #[tokio::test]
+    async fn entries_the_leader_does_not_apply_in_time_go_without_a_commit() {
+        let (_replica, counts, mut connection) = leader_connection(2).await;
+        // Held for a quarter of the timeout (100 ms), then sent as openraft built them.
+        send(&mut connection, new_entries(), Duration::from_millis(400)).await;
+        assert_eq!(last_commit(&counts), Some(log_id(1)));
+        send(&mut connection, commit_notice(3), LONG).await;
+        assert_eq!(
+            counts.streamed.load(Ordering::SeqCst),
+            2,
+            "the commit notice is news here"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_voter_gets_new_entries_at_once() {
+        // Node 2 is not this replica's learner (node 3 is): its acknowledgement makes the commit.
+        let (_replica, counts, mut connection) = leader_connection(3).await;
+        send(&mut connection, new_entries(), LONG).await;
+        assert_eq!(last_commit(&counts), Some(log_id(1)));
+        send(&mut connection, commit_notice(3), LONG).await;
+        assert_eq!(counts.streamed.load(Ordering::SeqCst), 2);
+        assert_eq!(last_commit(&counts), Some(log_id(3)));
     }
 }

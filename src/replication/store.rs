@@ -90,7 +90,7 @@ impl Storage {
             },
             state: StateMachine {
                 id: node_id,
-                applied: Arc::new(watch::channel(machine.state.last_applied.map(|id| id.index)).0),
+                applied: Arc::new(watch::channel(machine.state.last_applied).0),
                 inner: Arc::new(Mutex::new(machine)),
                 snapshots: Some(snapshots),
             },
@@ -247,10 +247,11 @@ pub struct StateMachine {
     /// The branch this replica belongs to (for its apply spans).
     id: NodeId,
     inner: Arc<Mutex<MachineData>>,
-    /// Index of the last applied entry, for requests waiting on it. openraft's own wait API
-    /// wakes every waiter on every metrics change and clones the whole metrics struct for each;
-    /// under load that cost more than the writes.
-    applied: Arc<watch::Sender<Option<u64>>>,
+    /// The last applied entry, for requests waiting on it (and, on a leader, for the commit it
+    /// attaches to learners' entries: [`super::piggyback`]). openraft's own wait API wakes every
+    /// waiter on every metrics change and clones the whole metrics struct for each; under load
+    /// that cost more than the writes.
+    applied: Arc<watch::Sender<Option<LogId<NodeId>>>>,
     /// Where snapshots are persisted, when the branch has a data directory.
     snapshots: Option<SnapshotStore>,
 }
@@ -276,16 +277,18 @@ impl StateMachine {
     pub async fn wait_applied(&self, index: u64) {
         let mut applied = self.applied.subscribe();
         // The sender lives as long as `self`, so this cannot fail while we wait.
-        let _ = applied.wait_for(|applied| *applied >= Some(index)).await;
+        let _ = applied
+            .wait_for(|applied| applied.map(|id| id.index) >= Some(index))
+            .await;
     }
 
     /// Publishes the applied index `data` holds to the waiters, after releasing the lock.
     fn publish_applied(&self, data: MutexGuard<'_, MachineData>) {
-        let index = data.state.last_applied.map(|id| id.index);
+        let last = data.state.last_applied;
         drop(data);
         self.applied.send_if_modified(|applied| {
-            let changed = *applied != index;
-            *applied = index;
+            let changed = *applied != last;
+            *applied = last;
             changed
         });
     }
@@ -328,7 +331,22 @@ impl StateMachine {
 
     /// Index of the last entry this replica has applied (what [`Self::wait_applied`] waits on).
     pub fn last_applied_index(&self) -> Option<u64> {
+        self.applied.borrow().map(|id| id.index)
+    }
+
+    /// The last entry this replica has applied.
+    pub fn last_applied(&self) -> Option<LogId<NodeId>> {
         *self.applied.borrow()
+    }
+
+    /// Whether `id` is a learner (a non-voting member) in the membership this replica applied.
+    pub fn is_learner(&self, id: NodeId) -> bool {
+        lock(&self.inner)
+            .state
+            .membership
+            .membership()
+            .learner_ids()
+            .any(|learner| learner == id)
     }
 }
 
