@@ -29,7 +29,7 @@
 //! Around them: [`discovery`] (peer and branch addresses: lists, `{id}`/`{ordinal}` templates,
 //! StatefulSet ordinals), [`proto`] (generated code and every wire conversion), [`telemetry`]
 //! (logging, OTLP trace export only when an endpoint is set, W3C context in gRPC metadata and
-//! in log entries), [`metrics`] (Prometheus `/metrics` on its own listener), [`bench`] (timed local runs for `distbank bench`), [`artifact`] (uploading
+//! in log entries), [`metrics`] (Prometheus `/metrics` on its own listener), [`bench`](mod@bench) (timed local runs for `distbank bench`), [`artifact`] (uploading
 //! output.json to a Kubernetes ConfigMap from the replay Job).
 
 pub mod account;

@@ -2,7 +2,7 @@
 //!
 //! A data directory holds three files:
 //!
-//! - `raft.wal`: an append-only log of [`Record`]s (vote, log entries, truncations, purges,
+//! - `raft.wal`: an append-only log of `Record`s (vote, log entries, truncations, purges,
 //!   committed index), replayed in order at start-up. Every record is framed as
 //!   `[payload length: u32][payload CRC32: u32][CRC32 of the previous 8 bytes: u32][payload]`
 //!   (little endian; payload = bincode). Vote and log records are fsynced before openraft is
@@ -263,7 +263,8 @@ fn replay(path: &Path, bytes: &[u8], node_id: NodeId) -> Result<(LogState, usize
                 return Ok((state, offset, Some(torn)));
             }
         };
-        let record: Record = codec::decode(payload).map_err(|e| corrupt(offset, format!("undecodable record: {e}")))?;
+        let record: Record =
+            codec::decode_stored(payload).map_err(|e| corrupt(offset, format!("undecodable record: {e}")))?;
         match (&record, offset) {
             (Record::Header { format, node_id: found }, 0) => {
                 if *format != FORMAT {
@@ -487,7 +488,7 @@ fn read_snapshot(path: &Path) -> Result<Option<StoredSnapshot>, StoreError> {
     }
     let start = SNAPSHOT_MAGIC.len();
     match read_frame(&bytes, start) {
-        Frame::Complete { payload, next } if next == bytes.len() => codec::decode(payload)
+        Frame::Complete { payload, next } if next == bytes.len() => codec::decode_stored(payload)
             .map(Some)
             .map_err(|e| corrupt(start, format!("undecodable snapshot: {e}"))),
         Frame::Complete { next, .. } => Err(corrupt(next, "unexpected bytes after the snapshot".into())),

@@ -91,16 +91,70 @@ pub fn raft_config(timing: RaftTiming) -> Result<openraft::Config, openraft::Con
     .validate()
 }
 
-/// Serialization of Raft messages for the peer service (bincode: compact and fast).
-pub(crate) mod codec {
+/// The byte encoding of Raft messages on the peer service and of the data directory's records
+/// (bincode, standard configuration: compact and fast). Public for the fuzz targets.
+///
+/// Decoding is bounded: bincode allocates a string or byte array at the length its prefix
+/// claims before reading it, so without a bound five hostile bytes claiming an exabyte abort
+/// the process (found by the `raft_message` fuzz target). Only strings and byte arrays count
+/// towards the bound, and their contents are in the input, so a genuine message never claims
+/// more than its own size.
+pub mod codec {
     use serde::Serialize;
     use serde::de::DeserializeOwned;
+
+    /// Most a peer's message may claim: the largest message the peer service accepts.
+    const MESSAGE_LIMIT: usize = super::network::MAX_PEER_MESSAGE;
+    /// Most a record of the data directory or a received snapshot may claim. Records are
+    /// checksummed before they are decoded; the bound only keeps a bug from becoming an abort.
+    const STORED_LIMIT: usize = 1 << 30;
 
     pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, bincode::error::EncodeError> {
         bincode::serde::encode_to_vec(value, bincode::config::standard())
     }
 
+    /// A Raft message from a peer.
     pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::error::DecodeError> {
-        bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map(|(value, _)| value)
+        let config = bincode::config::standard().with_limit::<MESSAGE_LIMIT>();
+        bincode::serde::decode_from_slice(bytes, config).map(|(value, _)| value)
+    }
+
+    /// A record of the data directory, or a snapshot's state.
+    pub fn decode_stored<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::error::DecodeError> {
+        let config = bincode::config::standard().with_limit::<STORED_LIMIT>();
+        bincode::serde::decode_from_slice(bytes, config).map(|(value, _)| value)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use bincode::error::DecodeError;
+        use openraft::error::{InstallSnapshotError, RaftError};
+        use openraft::raft::InstallSnapshotResponse;
+
+        use super::*;
+        use crate::replication::NodeId;
+
+        type SnapshotReply = Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>;
+
+        /// The fuzz target's find: an InstallSnapshot reply whose snapshot-mismatch error
+        /// claims a segment id string of 6.7 exabytes. Unbounded, decoding it aborted.
+        #[test]
+        fn a_length_claiming_more_than_the_limit_is_an_error_not_an_abort() {
+            let hostile = [
+                0x01, 0x00, 0x00, 0xfd, 0x04, 0x05, 0x00, 0x01, 0x08, 0x00, 0xfb, 0x5d, 0xef,
+            ];
+            let error = decode::<SnapshotReply>(&hostile).expect_err("refused");
+            assert!(matches!(error, DecodeError::LimitExceeded), "{error:?}");
+            let error = decode_stored::<SnapshotReply>(&hostile).expect_err("refused");
+            assert!(matches!(error, DecodeError::LimitExceeded), "{error:?}");
+        }
+
+        #[test]
+        fn messages_within_the_limit_round_trip() {
+            let value = (String::from("x").repeat(1000), vec![7u8; 100_000]);
+            let bytes = encode(&value).expect("encodes");
+            assert_eq!(decode::<(String, Vec<u8>)>(&bytes).expect("decodes"), value);
+            assert_eq!(decode_stored::<(String, Vec<u8>)>(&bytes).expect("decodes"), value);
+        }
     }
 }

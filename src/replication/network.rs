@@ -1,7 +1,8 @@
 //! Raft's network: one lazily connected tonic channel per peer, re-used by every RPC.
 //! AppendEntries (replication and heartbeats, the bulk of peer traffic) travel on one
 //! long-lived stream per peer: a DATA frame each way per message instead of a unary call's
-//! headers, trailers and server task, which is most of a call's cost on loopback.
+//! headers, trailers and server task, which is most of a call's cost on loopback. Learners
+//! get new entries together with their commit ([`super::piggyback`]).
 //!
 //! Channels resolve the peer's address again on every reconnect, so a restarted peer with a
 //! new IP behind the same DNS name is found without help.
@@ -268,10 +269,9 @@ impl PeerConnection {
 impl RaftNetwork<TypeConfig> for PeerConnection {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let mut rpc = rpc;
         let piggyback = self.piggyback.as_ref().filter(|p| p.is_learner(self.target));
         if let Some(piggyback) = piggyback {
             let window = option.hard_ttl() / 4;

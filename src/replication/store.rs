@@ -65,7 +65,7 @@ impl Storage {
             snapshot_seq: 0,
         };
         if let Some((meta, bytes)) = recovered.snapshot {
-            machine.state = codec::decode(&bytes).map_err(|e| StoreError::Corrupt {
+            machine.state = codec::decode_stored(&bytes).map_err(|e| StoreError::Corrupt {
                 path: snapshots.path().to_path_buf(),
                 offset: 0,
                 reason: format!("undecodable state-machine state: {e}"),
@@ -488,7 +488,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError<NodeId>> {
         let bytes = snapshot.into_inner();
         let state: MachineState =
-            codec::decode(&bytes).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+            codec::decode_stored(&bytes).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         self.persist(meta, &bytes).await?;
         let mut data = lock(&self.inner);
         data.state = state;
