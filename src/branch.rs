@@ -502,7 +502,9 @@ async fn forward_batch(
 
 /// Resolves once this branch no longer sees `leader` as the leader.
 async fn leader_moved(raft: &Raft, leader: NodeId) {
-    let mut metrics = raft.metrics();
+    // Server metrics change only with leader, vote or membership; the full metrics with every
+    // entry this branch appends or applies.
+    let mut metrics = raft.server_metrics();
     if metrics.wait_for(|m| m.current_leader != Some(leader)).await.is_err() {
         // Raft stopped: the call's own timeout ends it.
         std::future::pending::<()>().await;
