@@ -68,6 +68,36 @@ async fn malformed_requests_get_invalid_argument() {
     cluster.shutdown().await.expect("clean shutdown");
 }
 
+/// Found by the customer_request fuzz target: the whole operation was echoed in the status
+/// message, and 4 KB of control characters grew (escaped, then percent-encoded) past the
+/// client's header-list limit, so the client saw an HTTP/2 PROTOCOL_ERROR reset instead of
+/// INVALID_ARGUMENT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_hostile_operation_gets_invalid_argument_with_a_short_message() {
+    let cluster = support::start_cluster(2, 100, 3).await;
+    let clients = support::clients(&cluster);
+    let mut bank = support::bank_client(&clients, 1);
+    for operation in [
+        "\u{1d}".repeat(4096),
+        "x".repeat(16_000),
+        format!("deposit{}", "\u{0}".repeat(4096)),
+    ] {
+        let status = support::call(&mut bank, None, &operation, 5)
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{:.200}", status.message());
+        assert!(
+            status.message().len() < 512,
+            "{} bytes: {:.200}",
+            status.message().len(),
+            status.message()
+        );
+        assert!(status.message().contains("bytes"), "{}", status.message());
+    }
+    support::replicas_converge(&cluster, 100).await;
+    cluster.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overdrawing_withdrawal_fails_everywhere_and_exact_balance_succeeds() {
     let cluster = support::start_cluster(4, 100, 3).await;

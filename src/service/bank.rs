@@ -62,7 +62,8 @@ fn operation(request: &TransactionRequest) -> Result<Operation, Status> {
             request.operation
         ))),
         other => Err(Status::invalid_argument(format!(
-            "operation {other:?}: expected \"deposit\", \"withdraw\" or \"query\""
+            "operation {}: expected \"deposit\", \"withdraw\" or \"query\"",
+            super::quote(other)
         ))),
     }
 }
