@@ -364,12 +364,30 @@ impl Branch {
 
     async fn forward_read_index(&self, leader: NodeId, deadline: Instant) -> Result<Option<u64>, String> {
         let mut client = peer_client(&self.inner.raft, &self.inner.peers, leader)?;
-        let request = tonic::Request::new(proto::peer::ReadIndexRequest {});
+        let request = tonic::Request::new(proto::peer::ReadIndexRequest {
+            sender: Some(self.inner.id),
+        });
         let timeout = deadline.saturating_duration_since(Instant::now());
         let reply = transport::call(timeout, request, |r| client.read_index(r))
             .await
             .map_err(|status| format!("read index from leader {leader}: {}", status.message()))?;
         Ok(reply.into_inner().read_index)
+    }
+
+    /// A peer waits on this branch as leader (a forwarded write, a read index): when it is a
+    /// learner, it gets new entries at once rather than in batches. `None`: a peer that did not
+    /// say who it is (an older release); every learner counts. Other ids change nothing.
+    pub(crate) fn peer_waits(&self, sender: Option<NodeId>) {
+        match sender {
+            Some(id) if !self.inner.state.is_learner(id) => {}
+            sender => self.inner.peers.demand().want(sender),
+        }
+    }
+
+    /// While this branch leads: every learner gets the entries it lacks at once, as if a
+    /// customer waited on each (for a caller that needs every replica current soon).
+    pub fn flush_learners(&self) {
+        self.inner.peers.demand().want(None);
     }
 
     /// Index of the last entry this replica has applied.
@@ -486,7 +504,7 @@ async fn forward_batch(
         // A leader that is deposed (or cut off) mid-call would hold up every write queued
         // behind this batch until the timeout; the callers retry with the new leader instead.
         let answer = tokio::select! {
-            answer = submit_to(&raft, &peers, leader, writes, timeout) => answer,
+            answer = submit_to(&raft, &peers, branch, leader, writes, timeout) => answer,
             () = leader_moved(&raft, leader) => Err(format!("leadership moved away from {leader}")),
         };
         let answers = match answer {
@@ -515,6 +533,7 @@ async fn leader_moved(raft: &Raft, leader: NodeId) {
 async fn submit_to(
     raft: &Raft,
     peers: &PeerChannels,
+    sender: NodeId,
     leader: NodeId,
     writes: Vec<Proposed>,
     timeout: Duration,
@@ -534,6 +553,7 @@ async fn submit_to(
                 }
             })
             .collect(),
+        sender: Some(sender),
     });
     let reply = transport::call(timeout, request, |r| client.submit(r))
         .await
@@ -671,10 +691,9 @@ pub async fn start_with_health(
     // Learners get entries with their commit attached (one message per write instead of two)
     // only when the log lives in memory: with a data directory a learner fsyncs what it
     // appends, and holding its entries until the commit would put that fsync after the commit
-    // instead of beside the voters' (see replication::piggyback).
-    if config.data_dir.is_none() {
-        peers = peers.with_piggyback(state.clone());
-    }
+    // instead of beside the voters' (see replication::piggyback). Idle learners get entries in
+    // batches either way (replication::demand).
+    peers = peers.with_replica(state.clone(), config.data_dir.is_none());
     let raft = Raft::new(
         config.id,
         Arc::new(raft_config(config.timing)?),

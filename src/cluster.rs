@@ -161,6 +161,8 @@ impl LocalCluster {
     /// one balance (and, with tracing, every apply span exists before the spans are flushed).
     /// False if `timeout` passed first.
     pub async fn wait_converged(&self, timeout: Duration) -> bool {
+        // The leader sends idle learners what it holds for them now, not after the hold.
+        self.branches.iter().for_each(|b| b.branch.flush_learners());
         let Some(target) = self.branches.iter().filter_map(|b| b.branch.last_applied_index()).max() else {
             return true;
         };

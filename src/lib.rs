@@ -21,7 +21,8 @@
 //! - [`replication`] is the openraft glue: type config, the log and state machine stores (in
 //!   memory, or backed by a data directory with `distbank branch --data-dir`:
 //!   [`replication::disk`] is the checksummed on-disk format), the peer network client
-//!   ([`replication::piggyback`]: learners get each entry with its commit, one message per write).
+//!   ([`replication::piggyback`]: learners get each entry with its commit, one message per write;
+//!   [`replication::demand`]: learners no customer waits on get the writes in batches).
 //! - [`account`] is the state machine itself, pure: balance, withdraw-fails-when-short, the
 //!   event-id → result table.
 //! - [`output`] writes the course-format output.json atomically.

@@ -63,6 +63,7 @@ async fn a_forwarded_batch_with_one_bad_write_is_refused_whole() {
                 write(PeerOperation::Query, 0),
                 write(PeerOperation::Unspecified, 7),
             ],
+            sender: None,
         };
         let status = peer.submit(request).await.expect_err("refused");
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");

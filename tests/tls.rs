@@ -190,6 +190,7 @@ async fn submit_deposit(
             amount,
             traceparent: String::new(),
         }],
+        sender: None,
     });
     request.set_timeout(Duration::from_secs(10));
     client.submit(request).await.map(|_| ())

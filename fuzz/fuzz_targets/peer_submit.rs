@@ -122,7 +122,7 @@ fuzz_target!(|writes: Vec<FuzzWrite>| {
     let mut client = target.client.clone();
     let reply = target
         .runtime
-        .block_on(client.submit(SubmitRequest { writes: writes.clone() }));
+        .block_on(client.submit(SubmitRequest { writes: writes.clone(), sender: None }));
     match reply {
         Err(status) => {
             assert_eq!(status.code(), Code::InvalidArgument, "unexpected status {status:?}");

@@ -1,10 +1,12 @@
 //! Consensus glue: openraft's type configuration, the log and state-machine stores (in memory,
 //! optionally backed by a data directory), and the network client that carries Raft messages
-//! over the peer gRPC service (sending learners each entry with its commit: [`piggyback`]).
+//! over the peer gRPC service (sending learners each entry with its commit: [`piggyback`];
+//! learners no customer waits on get entries in batches: [`demand`]).
 //!
 //! The branch-level operations built on top (forwarding writes to the leader, linearizable
 //! reads on any member) live in [`crate::branch`]; this module knows nothing about customers.
 
+pub mod demand;
 pub mod disk;
 pub mod network;
 pub mod piggyback;

@@ -2,7 +2,8 @@
 //! AppendEntries (replication and heartbeats, the bulk of peer traffic) travel on one
 //! long-lived stream per peer: a DATA frame each way per message instead of a unary call's
 //! headers, trailers and server task, which is most of a call's cost on loopback. Learners
-//! get new entries together with their commit ([`super::piggyback`]).
+//! get new entries together with their commit ([`super::piggyback`]); learners no customer is
+//! waiting on get them in batches ([`super::demand`]).
 //!
 //! Channels resolve the peer's address again on every reconnect, so a restarted peer with a
 //! new IP behind the same DNS name is found without help.
@@ -24,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, ClientTlsConfig};
 
+use super::demand::{self, Demand, Wanted};
 use super::piggyback::{LearnerLink, Piggyback};
 use super::store::StateMachine;
 use super::{NodeId, TypeConfig, codec};
@@ -48,8 +50,11 @@ pub struct PeerChannels {
     connect_timeout: Duration,
     /// Mutual TLS towards peers, when configured.
     tls: Option<ClientTlsConfig>,
-    /// This branch's replica, for sending learners their entries with the commit attached.
+    /// This branch's replica, for telling learners apart and, with logs in memory, sending
+    /// them their entries with the commit attached.
     piggyback: Option<Piggyback>,
+    /// Which learners a customer waits on; the others get entries in batches.
+    demand: Arc<Demand>,
 }
 
 impl PeerChannels {
@@ -66,14 +71,21 @@ impl PeerChannels {
             connect_timeout,
             tls,
             piggyback: None,
+            demand: Arc::default(),
         }
     }
 
-    /// Sends learners their entries with the commit attached, as known from `replica` (this
-    /// branch's own): see [`super::piggyback`].
-    pub fn with_piggyback(mut self, replica: StateMachine) -> PeerChannels {
-        self.piggyback = Some(Piggyback::new(replica));
+    /// Knows learners from `replica` (this branch's own): idle ones get their entries in
+    /// batches ([`super::demand`]), and with `attach_commits` every learner gets its entries
+    /// with the commit attached ([`super::piggyback`]).
+    pub fn with_replica(mut self, replica: StateMachine, attach_commits: bool) -> PeerChannels {
+        self.piggyback = Some(Piggyback::new(replica, attach_commits));
         self
+    }
+
+    /// Which learners a customer waits on, as this branch learns it while it leads.
+    pub fn demand(&self) -> &Demand {
+        &self.demand
     }
 
     /// The peer client for `target`: at its configured address if it has one, else at `addr`
@@ -107,6 +119,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerChannels {
             unary_only: false,
             piggyback: self.piggyback.clone(),
             learner: LearnerLink::default(),
+            wanted: self.demand.watch(target),
         }
     }
 }
@@ -125,6 +138,8 @@ pub struct PeerConnection {
     piggyback: Option<Piggyback>,
     /// What the peer last acknowledged, while it is a learner.
     learner: LearnerLink,
+    /// Whether a customer waits on the peer, while it is a learner.
+    wanted: Wanted,
 }
 
 struct AppendStream {
@@ -273,22 +288,29 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         let piggyback = self.piggyback.as_ref().filter(|p| p.is_learner(self.target));
+        let window = option.hard_ttl() / 4;
         if let Some(piggyback) = piggyback {
-            let window = option.hard_ttl() / 4;
-            if self.learner.redundant(&rpc, window) {
+            if piggyback.attaches() && self.learner.redundant(&rpc, window) {
                 return Ok(AppendEntriesResponse::Success);
             }
             piggyback.attach_commit(&mut rpc, window).await;
         }
-        let learner = piggyback.is_some();
+        let (learner, attached) = (piggyback.is_some(), piggyback.is_some_and(Piggyback::attaches));
         let reply = if self.unary_only {
             self.call(Rpc::AppendEntries, &rpc, &option).await
         } else {
             self.append_on_stream(&rpc, &option).await
         };
-        if learner {
-            self.learner
-                .record(&rpc, matches!(reply, Ok(AppendEntriesResponse::Success)));
+        let delivered = matches!(reply, Ok(AppendEntriesResponse::Success));
+        if attached {
+            self.learner.record(&rpc, delivered);
+        }
+        if learner && delivered && !rpc.entries.is_empty() {
+            // The entries are delivered; holding the answer keeps openraft from sending this
+            // learner more until the linger ends or a customer waits on it, and what was
+            // appended meanwhile then goes in one request (see replication::demand). Together
+            // with the hold above, well inside openraft's timeout around this call.
+            self.wanted.linger(demand::LINGER.min(window * 2), demand::GRACE).await;
         }
         reply
     }
@@ -538,7 +560,7 @@ mod tests {
     async fn leader_connection(learner: NodeId) -> (StateMachine, Arc<Counts>, PeerConnection) {
         let replica = leader_replica(learner).await;
         let channels =
-            PeerChannels::new(1, Duration::from_secs(5), BTreeMap::new(), None).with_piggyback(replica.clone());
+            PeerChannels::new(1, Duration::from_secs(5), BTreeMap::new(), None).with_replica(replica.clone(), true);
         let (counts, connection) = connect_from(channels, Some(usize::MAX)).await;
         (replica, counts, connection)
     }

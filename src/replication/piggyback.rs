@@ -32,11 +32,20 @@ use super::{NodeId, TypeConfig};
 #[derive(Debug, Clone)]
 pub struct Piggyback {
     replica: StateMachine,
+    /// Whether learners' entries are held for their commit (logs in memory only).
+    attach: bool,
 }
 
 impl Piggyback {
-    pub fn new(replica: StateMachine) -> Piggyback {
-        Piggyback { replica }
+    /// `attach`: hold learners' new entries and attach their commit. Without it the replica
+    /// only tells which peers are learners (for [`super::demand`]).
+    pub fn new(replica: StateMachine, attach: bool) -> Piggyback {
+        Piggyback { replica, attach }
+    }
+
+    /// Whether learners get their entries with the commit attached.
+    pub fn attaches(&self) -> bool {
+        self.attach
     }
 
     /// Whether `target` is a learner in the membership this replica applied. Members it has
@@ -50,6 +59,9 @@ impl Piggyback {
     /// Holds `request` (new entries for a learner) until this replica has applied its last
     /// entry or `hold` has passed, then attaches the commit it may carry.
     pub async fn attach_commit(&self, request: &mut AppendEntriesRequest<TypeConfig>, hold: Duration) {
+        if !self.attach {
+            return;
+        }
         let Some(last) = request.entries.last().map(|entry| entry.log_id) else {
             return;
         };

@@ -219,7 +219,7 @@ pub async fn leader(peer_addrs: &BTreeMap<u64, String>) -> Option<u64> {
         let Ok(mut client) = PeerClient::connect(format!("http://{addr}")).await else {
             continue;
         };
-        let mut request = tonic::Request::new(ReadIndexRequest {});
+        let mut request = tonic::Request::new(ReadIndexRequest::default());
         request.set_timeout(Duration::from_secs(2));
         if client.read_index(request).await.is_ok() {
             return Some(id);
