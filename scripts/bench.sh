@@ -2,7 +2,7 @@
 # The benchmark suite (performance issue): distbank's workloads and, in the same invocation, the
 # original Python implementation (../shared/baseline, rebuilt) on the same inputs, with ratios.
 #
-#   scripts/bench.sh            full suite, release build (~5 min); prints a markdown table
+#   scripts/bench.sh            full suite, release build (~10 min); prints a markdown table
 #   scripts/bench.sh --smoke    seconds, debug build: every workload kind once, tiny, so the bench
 #                               code paths cannot rot (the README's test command runs this)
 #   scripts/bench.sh --soak [S] the soak (reliability issue): S seconds (default 600) of steady
