@@ -53,8 +53,10 @@ pub struct PeerChannels {
     /// This branch's replica, for telling learners apart and, with logs in memory, sending
     /// them their entries with the commit attached.
     piggyback: Option<Piggyback>,
-    /// Which learners a customer waits on; the others get entries in batches.
+    /// Which learners a customer waits on; the others get entries in batches...
     demand: Arc<Demand>,
+    /// ...at most this far apart (bounded further by half of openraft's call timeout).
+    linger: Duration,
 }
 
 impl PeerChannels {
@@ -72,7 +74,14 @@ impl PeerChannels {
             tls,
             piggyback: None,
             demand: Arc::default(),
+            linger: demand::LINGER,
         }
+    }
+
+    /// Holds an idle learner's acknowledgement at most `linger` instead of [`demand::LINGER`].
+    pub fn with_learner_linger(mut self, linger: Duration) -> PeerChannels {
+        self.linger = linger;
+        self
     }
 
     /// Knows learners from `replica` (this branch's own): idle ones get their entries in
@@ -120,6 +129,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerChannels {
             piggyback: self.piggyback.clone(),
             learner: LearnerLink::default(),
             wanted: self.demand.watch(target),
+            linger: self.linger,
         }
     }
 }
@@ -140,6 +150,7 @@ pub struct PeerConnection {
     learner: LearnerLink,
     /// Whether a customer waits on the peer, while it is a learner.
     wanted: Wanted,
+    linger: Duration,
 }
 
 struct AppendStream {
@@ -310,7 +321,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
             // learner more until the linger ends or a customer waits on it, and what was
             // appended meanwhile then goes in one request (see replication::demand). Together
             // with the hold above, well inside openraft's timeout around this call.
-            self.wanted.linger(demand::LINGER.min(window * 2), demand::GRACE).await;
+            self.wanted.linger(self.linger.min(window * 2), demand::GRACE).await;
         }
         reply
     }
@@ -558,11 +569,72 @@ mod tests {
 
     /// A connection from leader 1 (its replica as in [`leader_replica`]) to a wire peer as node 2.
     async fn leader_connection(learner: NodeId) -> (StateMachine, Arc<Counts>, PeerConnection) {
-        let replica = leader_replica(learner).await;
-        let channels =
-            PeerChannels::new(1, Duration::from_secs(5), BTreeMap::new(), None).with_replica(replica.clone(), true);
-        let (counts, connection) = connect_from(channels, Some(usize::MAX)).await;
+        let (replica, counts, connection, _) = leader_connection_with(learner, true, demand::LINGER).await;
         (replica, counts, connection)
+    }
+
+    /// As [`leader_connection`], with the commit attached or not and the given linger; also
+    /// returns the channels, whose demand marks learners wanted.
+    async fn leader_connection_with(
+        learner: NodeId,
+        attach_commits: bool,
+        linger: Duration,
+    ) -> (StateMachine, Arc<Counts>, PeerConnection, PeerChannels) {
+        let replica = leader_replica(learner).await;
+        let channels = PeerChannels::new(1, Duration::from_secs(5), BTreeMap::new(), None)
+            .with_replica(replica.clone(), attach_commits)
+            .with_learner_linger(linger);
+        let (counts, connection) = connect_from(channels.clone(), Some(usize::MAX)).await;
+        (replica, counts, connection, channels)
+    }
+
+    /// Longer than any test may take: only a customer's demand can end such a hold in time.
+    const HOLD: Duration = Duration::from_secs(3600);
+
+    #[tokio::test]
+    async fn an_idle_learners_acknowledgement_is_held_until_it_is_wanted() {
+        // With a data directory (no commit attached) and in memory alike.
+        for attach_commits in [false, true] {
+            let (mut replica, counts, mut connection, channels) = leader_connection_with(2, attach_commits, HOLD).await;
+            replica.apply([blank(2), blank(3)]).await.expect("apply");
+            let mut sending = tokio::spawn(async move {
+                send(&mut connection, new_entries(), LONG).await;
+                connection
+            });
+            while counts.streamed.load(Ordering::SeqCst) == 0 {
+                assert!(
+                    !sending.is_finished(),
+                    "the call ended before the learner got the entries"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // Delivered, and the answer is held: openraft sends this learner nothing more.
+            let early = tokio::time::timeout(Duration::from_millis(200), &mut sending).await;
+            assert!(early.is_err(), "the answer of an idle learner was not held");
+            // Another learner's demand changes nothing; this one's ends the hold.
+            channels.demand().want(Some(3));
+            let early = tokio::time::timeout(Duration::from_millis(200), &mut sending).await;
+            assert!(early.is_err(), "another learner's demand ended the hold");
+            channels.demand().want(Some(2));
+            let ended = tokio::time::timeout(Duration::from_secs(60), sending).await;
+            assert!(ended.is_ok(), "a customer's demand did not end the hold");
+            assert_eq!(counts.streamed.load(Ordering::SeqCst), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wanted_learners_acknowledgement_is_not_held() {
+        let (mut replica, counts, mut connection, channels) = leader_connection_with(2, true, HOLD).await;
+        replica.apply([blank(2), blank(3)]).await.expect("apply");
+        channels.demand().want(Some(2));
+        let sent = tokio::time::timeout(Duration::from_secs(60), send(&mut connection, new_entries(), LONG)).await;
+        assert!(sent.is_ok(), "the answer of a wanted learner was held");
+        assert_eq!(counts.streamed.load(Ordering::SeqCst), 1);
+        // A voter is never held, wanted or not.
+        let (_replica, counts, mut connection, _channels) = leader_connection_with(3, true, HOLD).await;
+        let sent = tokio::time::timeout(Duration::from_secs(60), send(&mut connection, new_entries(), LONG)).await;
+        assert!(sent.is_ok(), "a voter's answer was held");
+        assert_eq!(counts.streamed.load(Ordering::SeqCst), 1);
     }
 
     /// Sends `request` with openraft's timeout `ttl`; the peer answers Success.
