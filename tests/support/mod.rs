@@ -24,12 +24,18 @@ pub fn fixture_text(name: &str) -> String {
 
 /// Starts `branches` branches (ids 1..=n) in this process and waits until all are SERVING.
 pub async fn start_cluster(branches: u64, initial_balance: u64, voters: usize) -> LocalCluster {
-    let ids: Vec<u64> = (1..=branches).collect();
     let options = ClusterOptions {
         voters,
         ..ClusterOptions::default()
     };
-    let cluster = LocalCluster::start(&ids, initial_balance, &options)
+    start_cluster_with(branches, initial_balance, &options).await
+}
+
+/// [`start_cluster`] with every option given.
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
+pub async fn start_cluster_with(branches: u64, initial_balance: u64, options: &ClusterOptions) -> LocalCluster {
+    let ids: Vec<u64> = (1..=branches).collect();
+    let cluster = LocalCluster::start(&ids, initial_balance, options)
         .await
         .expect("cluster starts");
     cluster
