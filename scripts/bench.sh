@@ -33,11 +33,13 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 if ((smoke)); then
-  cargo build --locked --quiet
+  cargo build --locked --quiet --bins --example grpc_ceiling
   bin=$root/target/debug/distbank
+  ceiling=$root/target/debug/examples/grpc_ceiling
 else
-  cargo build --locked --release --quiet
+  cargo build --locked --release --quiet --bins --example grpc_ceiling
   bin=$root/target/release/distbank
+  ceiling=$root/target/release/examples/grpc_ceiling
 fi
 export RUST_LOG=error
 
@@ -117,6 +119,8 @@ if ((smoke)); then
   ours_bench "generated" --generate 5x60 --runs 1
   step "distbank: concurrent (smoke)"
   "$bin" bench --concurrent 8 --branches 3 --duration 2 --sample-every 0.5 >&2 2>/dev/null
+  step "calibration: the same clients against no-op servers (smoke)"
+  "$ceiling" 8 3 1 >&2
 else
   ours_bench "course 50" tests/fixtures/course_50_input.json --runs 5 --expect tests/fixtures/course_50_output.json
   theirs_bench "$root/tests/fixtures/course_50_input.json" 3 "$root/tests/fixtures/course_50_output.json"
@@ -136,6 +140,15 @@ else
   step "distbank: concurrent, 64 clients, 5 branches"
   "$bin" bench --concurrent 64 --branches 5 --duration "${BENCH_CONCURRENT_SECONDS:-30}" 2>/dev/null | tee "$work/conc.txt" >&2
   rows+=("| concurrent mix, 64 clients, 5 branches | $(awk '/^bench concurrent/ {print $(NF-3), $(NF-2)}' "$work/conc.txt" | tr -d ,) | — | — | $(awk '/^  all/ {print "p50", $3, $4, "p99", $6, $7}' "$work/conc.txt") |")
+  # The same mix with every branch on one work-stealing runtime (the layout before per-core
+  # runtimes), and the machine's ceiling for these clients' unary calls against servers that do
+  # nothing: this VM's speed moves by tens of percent within an hour, so both come from this run.
+  step "distbank: concurrent, 64 clients, 5 branches, --runtimes shared (10 s)"
+  "$bin" bench --concurrent 64 --branches 5 --duration 10 --runtimes shared 2>/dev/null | tee "$work/conc-shared.txt" >&2
+  rows+=("| same mix, branches on one work-stealing runtime (\`--runtimes shared\`, 10 s) | $(awk '/^bench concurrent/ {print $(NF-3), $(NF-2)}' "$work/conc-shared.txt" | tr -d ,) | — | — | $(awk '/^  all/ {print "p50", $3, $4, "p99", $6, $7}' "$work/conc-shared.txt") |")
+  step "calibration: the same 64 clients against 5 no-op servers (examples/grpc_ceiling, 10 s)"
+  "$ceiling" 64 5 10 | tee "$work/ceiling.txt" >&2
+  rows+=("| calibration: the same clients' calls to 5 no-op servers | $(awk '{for (i = 1; i <= NF; i++) if ($i == "calls/s,") print $(i-1), "calls/s"}' "$work/ceiling.txt") | — | — | $(sed -n 's/.*CPU \(.*\) per call/CPU \1 per call/p' "$work/ceiling.txt") |")
   ghz=${GHZ:-$(scripts/ghz.sh || true)}
   if [[ -x $ghz ]]; then
     step "ghz against one branch's customer API"
