@@ -1,7 +1,8 @@
 //! Many branches in one process on loopback: what `distbank run` and `distbank server` start,
 //! and what the integration tests use.
 //!
-//! The branches run on one single-threaded tokio runtime per core ([`Cores`]), each branch
+//! The branches run on one single-threaded tokio runtime per core (started once per process),
+//! each branch
 //! with all its tasks and connections on one of them, instead of on one work-stealing runtime:
 //! on a two-core machine the work-stealing runtime spent most of the second core on moving
 //! tasks between threads and waking them (a 5-branch cluster under 64 concurrent clients: one
@@ -115,8 +116,18 @@ impl LocalCluster {
             };
             // Plain std listeners: each becomes a tokio listener on the runtime its branch runs
             // on, so its readiness events go to that runtime's thread.
-            let customer = bind(id, SocketAddr::new(options.host, customer_port)).await?;
-            let peer = bind(id, SocketAddr::new(options.host, 0)).await?;
+            let customer_addr = SocketAddr::new(options.host, customer_port);
+            let customer = bind(customer_addr).map_err(|source| ClusterError::Listen {
+                id,
+                addr: customer_addr,
+                source,
+            })?;
+            let any_port = SocketAddr::new(options.host, 0);
+            let peer = bind(any_port).map_err(|source| ClusterError::Listen {
+                id,
+                addr: any_port,
+                source,
+            })?;
             let peer_addr = peer.local_addr().map_err(|source| ClusterError::Listen {
                 id,
                 addr: SocketAddr::new(options.host, 0),
@@ -148,7 +159,16 @@ impl LocalCluster {
             };
             let shutdown = cluster.shutdown.child_token();
             let start = async move {
-                let (customer, peer) = (adopt(id, customer).await?, adopt(id, peer).await?);
+                // As a tokio listener on this runtime; the error names the address.
+                let adopt = |listener: std::net::TcpListener| {
+                    let addr = listener
+                        .local_addr()
+                        .unwrap_or_else(|_| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0));
+                    TcpListener::from_std(listener).map_err(|source| (addr, source))
+                };
+                let listen_error = |(addr, source)| ClusterError::Listen { id, addr, source };
+                let customer = adopt(customer).map_err(listen_error)?;
+                let peer = adopt(peer).map_err(listen_error)?;
                 branch::start(config, customer, peer, shutdown)
                     .await
                     .map_err(|source| ClusterError::Branch { id, source })
@@ -271,21 +291,11 @@ impl Drop for LocalCluster {
     }
 }
 
-/// A plain std listener (see [`LocalCluster::start`] for why not a tokio one yet).
-async fn bind(id: NodeId, addr: SocketAddr) -> Result<std::net::TcpListener, ClusterError> {
-    let bound = std::net::TcpListener::bind(addr).and_then(|listener| {
-        listener.set_nonblocking(true)?;
-        Ok(listener)
-    });
-    bound.map_err(|source| ClusterError::Listen { id, addr, source })
-}
-
-/// `listener` as a tokio listener on the current runtime.
-async fn adopt(id: NodeId, listener: std::net::TcpListener) -> Result<TcpListener, ClusterError> {
-    let addr = listener
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0));
-    TcpListener::from_std(listener).map_err(|source| ClusterError::Listen { id, addr, source })
+/// A plain std listener, non-blocking (see [`LocalCluster::start`] for why not a tokio one).
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 /// The process's single-threaded runtimes, one per core it may use, each driven by a thread

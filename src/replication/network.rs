@@ -129,9 +129,7 @@ impl PeerChannels {
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE))
     }
-}
 
-impl PeerChannels {
     /// Where `target` is reached: its configured address if it has one, else `addr` from the
     /// membership.
     fn address<'a>(&'a self, target: NodeId, addr: &'a str) -> &'a str {
@@ -211,7 +209,7 @@ struct TransportError(String);
 impl PeerConnection {
     /// One AppendEntries on the stream, opened first if there is none.
     async fn call_on_stream(&mut self, data: Vec<u8>) -> Result<RaftPayload, tonic::Status> {
-        let (mut stream, spare) = match self.append_stream.take() {
+        let (stream, spare) = match self.append_stream.take() {
             Some(stream) => (stream, false),
             None => match self.take_spare_stream() {
                 Some(stream) => (stream, true),
@@ -220,7 +218,25 @@ impl PeerConnection {
         };
         // Kept for a second try on a new stream (AppendEntries may be repeated safely).
         let retry = spare.then(|| data.clone());
-        let message = RaftPayload { data };
+        let (stream, reply) = match (self.exchange(stream, RaftPayload { data }).await, retry) {
+            // A spare stream can have ended while it sat idle without its sender noticing yet
+            // (the peer restarted): one more try on a stream of this connection's own.
+            (Err(_), Some(data)) => {
+                let fresh = self.open_stream().await?;
+                self.exchange(fresh, RaftPayload { data }).await?
+            }
+            (result, _) => result?,
+        };
+        self.append_stream = Some(stream);
+        Ok(reply)
+    }
+
+    /// Sends `message` on `stream` and waits for its reply.
+    async fn exchange(
+        &self,
+        mut stream: AppendStream,
+        message: RaftPayload,
+    ) -> Result<(AppendStream, RaftPayload), tonic::Status> {
         if let Err(mpsc::error::SendError(message)) = stream.requests.send(message).await {
             // The stream had closed before this message (the peer restarted or ended it), so
             // the peer never saw it: send it on a new stream instead of failing the call.
@@ -229,26 +245,10 @@ impl PeerConnection {
                 return Err(tonic::Status::unavailable("the AppendEntries stream closed"));
             }
         }
-        let reply = match (stream.replies.message().await, retry) {
-            (Ok(Some(reply)), _) => Ok((stream, reply)),
-            // A spare stream can have ended while it sat idle without its sender noticing yet
-            // (the peer restarted): one more try on a stream of this connection's own.
-            (Ok(None) | Err(_), Some(data)) => {
-                let mut fresh = self.open_stream().await?;
-                if fresh.requests.send(RaftPayload { data }).await.is_err() {
-                    return Err(tonic::Status::unavailable("the AppendEntries stream closed"));
-                }
-                match fresh.replies.message().await? {
-                    Some(reply) => Ok((fresh, reply)),
-                    None => Err(tonic::Status::unavailable("the peer ended the AppendEntries stream")),
-                }
-            }
-            (Ok(None), None) => Err(tonic::Status::unavailable("the peer ended the AppendEntries stream")),
-            (Err(status), None) => Err(status),
-        };
-        let (stream, reply) = reply?;
-        self.append_stream = Some(stream);
-        Ok(reply)
+        match stream.replies.message().await? {
+            Some(reply) => Ok((stream, reply)),
+            None => Err(tonic::Status::unavailable("the peer ended the AppendEntries stream")),
+        }
     }
 
     /// An idle stream another connection to the same peer and address left behind.
