@@ -1,9 +1,9 @@
 //! Calibration for `distbank bench --concurrent`: what the same closed-loop clients reach
 //! against servers that do no work at all, on this machine.
 //!
-//! The servers are built like a branch's customer server (nodelay, the same per-connection
-//! limit and message caps, health beside the Bank service) but answer every `MsgDelivery` at
-//! once, without replication; the clients are the bench's (one lazily connected channel per
+//! The servers are a branch's customer server ([`distbank::branch::customer_router`]: the
+//! same per-connection limit and message caps, health beside the Bank service, nodelay) but
+//! answer every `MsgDelivery` at once, without replication; the clients are the bench's (one lazily connected channel per
 //! branch, [`distbank::replay::send_event`] with an event id). The figure is the ceiling for
 //! unary customer calls here: no replicated bank on the same wire API can beat it.
 //!
@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use distbank::account::Operation;
-use distbank::branch::{MAX_CUSTOMER_MESSAGE, MAX_CUSTOMER_REQUESTS_PER_CONNECTION};
+use distbank::branch::customer_router;
 use distbank::discovery::Addresses;
 use distbank::input::Event;
-use distbank::proto::bank::bank_server::{Bank, BankServer};
+use distbank::proto::bank::bank_server::Bank;
 use distbank::proto::bank::{TransactionRequest, TransactionResponse};
 use distbank::replay::{self, BranchClients, ReplayOptions};
 use tokio::net::TcpListener;
@@ -63,18 +63,7 @@ async fn main() -> anyhow::Result<()> {
         addresses.insert(id, format!("http://{}", listener.local_addr()?));
         let (_reporter, health) = tonic_health::server::health_reporter();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        tokio::spawn(
-            Server::builder()
-                .concurrency_limit_per_connection(MAX_CUSTOMER_REQUESTS_PER_CONNECTION)
-                .load_shed(true)
-                .add_service(health)
-                .add_service(
-                    BankServer::new(Instant0)
-                        .max_decoding_message_size(MAX_CUSTOMER_MESSAGE)
-                        .max_encoding_message_size(MAX_CUSTOMER_MESSAGE),
-                )
-                .serve_with_incoming(incoming),
-        );
+        tokio::spawn(customer_router(Server::builder(), health, Instant0).serve_with_incoming(incoming));
     }
     let ids: Vec<u64> = addresses.keys().copied().collect();
     let handles = BranchClients::new(&Addresses::Static(addresses), &ids, Duration::from_secs(2))?;

@@ -21,9 +21,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::{Health, HealthServer};
 use tracing::Instrument as _;
 
 use std::future::Future;
@@ -33,7 +34,7 @@ use crate::account::{Command, IDEMPOTENCY_WINDOW, Operation, Outcome, RecentTabl
 use crate::batch::Batcher;
 use crate::coalesce::Coalescer;
 use crate::proto;
-use crate::proto::bank::bank_server::BankServer;
+use crate::proto::bank::bank_server::{Bank, BankServer};
 use crate::proto::peer::peer_server::PeerServer;
 use crate::replication::disk::StoreError;
 use crate::replication::network::{MAX_PEER_MESSAGE, PeerChannels};
@@ -807,12 +808,29 @@ fn server_builder(tls: Option<&ServerTlsConfig>, what: &'static str) -> Result<S
     }
 }
 
+/// The customer listener's services, health beside the customer API, with the limits every
+/// branch applies (`examples/grpc_ceiling` serves its no-op bank through it too, so its
+/// calibration pays what a branch pays).
+pub fn customer_router<B: Bank, H: Health>(builder: Server, health: HealthServer<H>, bank: B) -> Router {
+    builder
+        // Bounded work per connection: past the limit a request is refused at once with
+        // RESOURCE_EXHAUSTED (retryable) instead of queueing without bound.
+        .concurrency_limit_per_connection(MAX_CUSTOMER_REQUESTS_PER_CONNECTION)
+        .load_shed(true)
+        .add_service(health)
+        .add_service(
+            BankServer::new(bank)
+                .max_decoding_message_size(MAX_CUSTOMER_MESSAGE)
+                .max_encoding_message_size(MAX_CUSTOMER_MESSAGE),
+        )
+}
+
 async fn serve(
     config: BranchConfig,
     branch: Branch,
     listeners: Listeners,
     health: tonic_health::server::HealthReporter,
-    health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    health_service: HealthServer<impl Health>,
     ready: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) -> Result<(), BranchError> {
@@ -829,18 +847,12 @@ async fn serve(
     let customer_stop = CancellationToken::new();
     let peer_stop = CancellationToken::new();
     let customer_server = tokio::spawn(
-        customer_builder
-            // Bounded work per connection: past the limit a request is refused at once with
-            // RESOURCE_EXHAUSTED (retryable) instead of queueing without bound.
-            .concurrency_limit_per_connection(MAX_CUSTOMER_REQUESTS_PER_CONNECTION)
-            .load_shed(true)
-            .add_service(health_service.clone())
-            .add_service(
-                BankServer::new(BankService::new(branch.clone()))
-                    .max_decoding_message_size(MAX_CUSTOMER_MESSAGE)
-                    .max_encoding_message_size(MAX_CUSTOMER_MESSAGE),
-            )
-            .serve_with_incoming_shutdown(customer_incoming, customer_stop.clone().cancelled_owned()),
+        customer_router(
+            customer_builder,
+            health_service.clone(),
+            BankService::new(branch.clone()),
+        )
+        .serve_with_incoming_shutdown(customer_incoming, customer_stop.clone().cancelled_owned()),
     );
     let peer_server = tokio::spawn(
         peer_builder
