@@ -33,6 +33,8 @@ DISTBANK_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import
   scripts/jaeger-e2e.sh
 step "fuzz targets compile (running them: cargo fuzz, see docs/design.md)"
 cargo check --locked --quiet --manifest-path fuzz/Cargo.toml --bins
+step "the tracing-cost benchmark's patch still applies (scripts/bench/tracing-cost.sh)"
+git apply --check scripts/bench/tracing-compiled-out.patch
 step "bench smoke (debug build, tiny workloads, the original beside it: checks the bench runs, not speed)"
 scripts/bench.sh --smoke
 if [[ -x scripts/check-chart.sh ]]; then

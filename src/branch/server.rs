@@ -1,0 +1,336 @@
+//! Running a branch: its listeners (customer API + health, peer API, an optional plaintext
+//! health port for probes), start-up, and the shutdown order (readiness NOT_SERVING, drain
+//! customers, stop Raft, stop peers).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::{Router, TcpIncoming};
+use tonic::transport::{Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::{Health, HealthServer};
+
+use super::membership::manage_membership;
+use super::readiness::{LIVENESS, await_readiness, set_readiness};
+use super::{Branch, BranchConfig, BranchError, MAX_CUSTOMER_MESSAGE, MAX_CUSTOMER_REQUESTS_PER_CONNECTION};
+use crate::metrics;
+use crate::proto::bank::bank_server::{Bank, BankServer};
+use crate::proto::peer::peer_server::PeerServer;
+use crate::replication::network::{MAX_PEER_MESSAGE, PeerChannels};
+use crate::replication::store::Storage;
+use crate::replication::{Raft, raft_config};
+use crate::service::bank::BankService;
+use crate::service::peer::PeerService;
+use crate::transport::TlsError;
+
+/// A started branch: its handle, its addresses, and the tasks serving it.
+pub struct RunningBranch {
+    pub branch: Branch,
+    pub customer_addr: std::net::SocketAddr,
+    pub peer_addr: std::net::SocketAddr,
+    ready: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<Result<(), BranchError>>,
+}
+
+impl RunningBranch {
+    /// Resolves once the branch reports SERVING (it can answer linearizably).
+    pub async fn ready(&self) {
+        let mut ready = self.ready.clone();
+        let _ = ready.wait_for(|ready| *ready).await;
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Waits until the branch has shut down (after its shutdown token was cancelled).
+    pub async fn join(self) -> Result<(), BranchError> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(BranchError::Start(format!("branch task failed: {e}"))),
+        }
+    }
+}
+
+/// Starts a branch on the given listeners; it runs until `shutdown` is cancelled.
+///
+/// `customer` serves the original `Bank` API and `grpc.health.v1`; `peer` serves the peer-only
+/// API. Health reports NOT_SERVING until the branch can answer a linearizable read.
+pub async fn start(
+    config: BranchConfig,
+    customer: TcpListener,
+    peer: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<RunningBranch, BranchError> {
+    start_with_health(config, customer, peer, None, shutdown).await
+}
+
+/// [`start`], also serving `grpc.health.v1` alone, in plaintext, on `health`: Kubernetes' gRPC
+/// probes cannot speak TLS, so a branch with customer TLS needs a port they can reach.
+pub async fn start_with_health(
+    config: BranchConfig,
+    customer: TcpListener,
+    peer: TcpListener,
+    health_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<RunningBranch, BranchError> {
+    if !config.members.contains_key(&config.id) {
+        return Err(BranchError::NotAMember {
+            id: config.id,
+            members: config
+                .members
+                .keys()
+                .map(|id| id.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        });
+    }
+    let customer_addr = customer.local_addr().map_err(|source| BranchError::Listen {
+        what: "customer API",
+        source,
+    })?;
+    let peer_addr = peer.local_addr().map_err(|source| BranchError::Listen {
+        what: "peer API",
+        source,
+    })?;
+
+    let storage = match &config.data_dir {
+        None => Storage::in_memory(config.id, config.initial_balance),
+        Some(dir) => {
+            let (dir, id, balance) = (dir.clone(), config.id, config.initial_balance);
+            tokio::task::spawn_blocking(move || Storage::open(&dir, id, balance))
+                .await
+                .map_err(|e| BranchError::Start(format!("opening the data directory: {e}")))??
+        }
+    };
+    let state = storage.state.clone();
+    let mut peers = PeerChannels::new(
+        config.id,
+        Duration::from_secs(2),
+        config.members.clone(),
+        config.tls.peer.as_ref().map(|tls| tls.client.clone()),
+    );
+    // Learners get entries with their commit attached (one message per write instead of two)
+    // only when the log lives in memory: with a data directory a learner fsyncs what it
+    // appends, and holding its entries until the commit would put that fsync after the commit
+    // instead of beside the voters' (see replication::piggyback). Idle learners get entries in
+    // batches either way (replication::demand).
+    peers = peers.with_replica(state.clone(), config.data_dir.is_none());
+    let raft = Raft::new(
+        config.id,
+        Arc::new(raft_config(config.timing)?),
+        peers.clone(),
+        storage.log,
+        storage.state,
+    )
+    .await
+    .map_err(|e| BranchError::Start(e.to_string()))?;
+    let branch = Branch::new(&config, raft, state, peers);
+
+    // TLS settings are checked before anything starts, so a bad certificate is a start error.
+    let customer_builder = server_builder(config.tls.customer.as_ref(), "customer API")?;
+    let peer_builder = server_builder(config.tls.peer.as_ref().map(|tls| &tls.server), "peer API")?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // Liveness: the process serves gRPC. Readiness ("", "readiness", and the Bank service):
+    // the branch can answer linearizably; not before it has caught up.
+    health.set_service_status(LIVENESS, ServingStatus::Serving).await;
+    set_readiness(config.id, &health, ServingStatus::NotServing).await;
+    metrics::register_branch(&branch);
+
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let task = tokio::spawn(serve(
+        config,
+        branch.clone(),
+        Listeners {
+            customer: (customer, customer_builder),
+            peer: (peer, peer_builder),
+            health: health_listener,
+        },
+        health,
+        health_service,
+        ready_tx,
+        shutdown,
+    ));
+    Ok(RunningBranch {
+        branch,
+        customer_addr,
+        peer_addr,
+        ready: ready_rx,
+        task,
+    })
+}
+
+/// Starts a branch and runs it until `shutdown` is cancelled (the library entry point for one
+/// branch process).
+pub async fn run(
+    config: BranchConfig,
+    customer: TcpListener,
+    peer: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), BranchError> {
+    start(config, customer, peer, shutdown).await?.join().await
+}
+
+/// A branch's listeners, each with its server builder (TLS already applied).
+struct Listeners {
+    customer: (TcpListener, Server),
+    peer: (TcpListener, Server),
+    health: Option<TcpListener>,
+}
+
+/// A server builder, with `tls` when given; a certificate or key that does not parse fails here.
+fn server_builder(tls: Option<&ServerTlsConfig>, what: &'static str) -> Result<Server, TlsError> {
+    let builder = Server::builder();
+    match tls {
+        None => Ok(builder),
+        Some(tls) => builder.tls_config(tls.clone()).map_err(|source| TlsError::Config {
+            what: format!("{what} server TLS"),
+            source,
+        }),
+    }
+}
+
+/// The customer listener's services, health beside the customer API, with the limits every
+/// branch applies (`examples/grpc_ceiling` serves its no-op bank through it too, so its
+/// calibration pays what a branch pays).
+pub fn customer_router<B: Bank, H: Health>(builder: Server, health: HealthServer<H>, bank: B) -> Router {
+    builder
+        // Bounded work per connection: past the limit a request is refused at once with
+        // RESOURCE_EXHAUSTED (retryable) instead of queueing without bound.
+        .concurrency_limit_per_connection(MAX_CUSTOMER_REQUESTS_PER_CONNECTION)
+        .load_shed(true)
+        .add_service(health)
+        .add_service(
+            BankServer::new(bank)
+                .max_decoding_message_size(MAX_CUSTOMER_MESSAGE)
+                .max_encoding_message_size(MAX_CUSTOMER_MESSAGE),
+        )
+}
+
+async fn serve(
+    config: BranchConfig,
+    branch: Branch,
+    listeners: Listeners,
+    health: tonic_health::server::HealthReporter,
+    health_service: HealthServer<impl Health>,
+    ready: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) -> Result<(), BranchError> {
+    let Listeners {
+        customer: (customer, customer_builder),
+        peer: (peer, mut peer_builder),
+        health: health_listener,
+    } = listeners;
+    // Accepted sockets need nodelay explicitly: serve_with_incoming ignores the builder's
+    // setting, and Nagle's algorithm adds ~40 ms to small replies.
+    let customer_incoming = TcpIncoming::from(customer).with_nodelay(Some(true));
+    let peer_incoming = TcpIncoming::from(peer).with_nodelay(Some(true));
+
+    let customer_stop = CancellationToken::new();
+    let peer_stop = CancellationToken::new();
+    let customer_server = tokio::spawn(
+        customer_router(
+            customer_builder,
+            health_service.clone(),
+            BankService::new(branch.clone()),
+        )
+        .serve_with_incoming_shutdown(customer_incoming, customer_stop.clone().cancelled_owned()),
+    );
+    let peer_server = tokio::spawn(
+        peer_builder
+            .add_service(
+                PeerServer::new(PeerService::new(branch.clone(), peer_stop.clone()))
+                    .max_decoding_message_size(MAX_PEER_MESSAGE)
+                    .max_encoding_message_size(MAX_PEER_MESSAGE),
+            )
+            .serve_with_incoming_shutdown(peer_incoming, peer_stop.clone().cancelled_owned()),
+    );
+    // The probe port lives as long as the process: liveness must answer during the drain.
+    let health_stop = CancellationToken::new();
+    let health_server = health_listener.map(|listener| {
+        tokio::spawn(
+            Server::builder()
+                .add_service(health_service)
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    health_stop.clone().cancelled_owned(),
+                ),
+        )
+    });
+
+    let background = CancellationToken::new();
+    let membership_task = tokio::spawn(manage_membership(config.clone(), branch.clone(), background.clone()));
+    let readiness_task = tokio::spawn(await_readiness(
+        branch.clone(),
+        health.clone(),
+        ready,
+        background.clone(),
+    ));
+
+    // Stop when asked, or when Raft itself stopped (a storage write or sync failed: openraft
+    // stops rather than go on with state it may not have persisted). A branch whose Raft is
+    // dead can never serve again, so it drains and the process exits non-zero for a restart.
+    let fatal = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        fatal = raft_stopped(branch.raft()) => Some(fatal),
+    };
+    match &fatal {
+        None => tracing::info!(
+            branch = config.id,
+            "shutting down: NOT_SERVING, draining customer requests"
+        ),
+        Some(fatal) => tracing::error!(
+            branch = config.id,
+            error = %fatal,
+            "Raft stopped on its own: NOT_SERVING, draining, then exiting"
+        ),
+    }
+    // Readiness goes first, while the listener still answers, so load balancers and probes
+    // stop sending customers here before the drain; liveness stays SERVING until the end.
+    set_readiness(config.id, &health, ServingStatus::NotServing).await;
+    background.cancel();
+    let _ = membership_task.await;
+    let _ = readiness_task.await;
+    // Drain customers first (their requests need consensus), then stop Raft, then peers.
+    customer_stop.cancel();
+    let customer_result = customer_server.await;
+    if let Err(e) = branch.raft().shutdown().await {
+        tracing::warn!(branch = config.id, error = %e, "Raft did not stop cleanly");
+    }
+    peer_stop.cancel();
+    let peer_result = peer_server.await;
+    health_stop.cancel();
+    let mut results = vec![customer_result, peer_result];
+    if let Some(server) = health_server {
+        results.push(server.await);
+    }
+    for result in results {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(BranchError::Serve(e)),
+            Err(e) => return Err(BranchError::Start(format!("server task failed: {e}"))),
+        }
+    }
+    metrics::unregister_branch(config.id);
+    tracing::debug!(branch = config.id, "stopped");
+    match fatal {
+        None => Ok(()),
+        Some(fatal) => Err(BranchError::RaftStopped(fatal)),
+    }
+}
+
+/// Resolves when Raft's core has stopped (its metrics carry the fatal error), with the error.
+async fn raft_stopped(raft: &Raft) -> String {
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "Raft's metrics channel closed".into();
+        }
+    }
+}
