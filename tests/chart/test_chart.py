@@ -478,6 +478,7 @@ def test_replay_job(default_docs):
     assert c["args"][:2] == ["replay", "/etc/distbank/input.json"]
     assert arg_value(c, "--upload-configmap") == f"{RELEASE}-output"
     assert arg_value(c, "--wait-timeout") == "300"
+    assert arg_value(c, "--retry-budget") == "300"
     assert arg_value(c, "--output").startswith("/tmp/")
 
 

@@ -397,6 +397,7 @@ template:
           - /etc/distbank/input.json
           - --branch-addr={{ include "distbank.customerAddrTemplate" $ }}
           - --wait-timeout={{ $.Values.replay.waitTimeout }}
+          - --retry-budget={{ $.Values.replay.retryBudget }}
           - --output=/tmp/output.json
           - --upload-configmap={{ include "distbank.outputConfigMapName" $ }}
           {{- with $.Values.replay.extraArgs }}
