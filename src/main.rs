@@ -198,8 +198,9 @@ struct ConsensusArgs {
     /// Raft heartbeat interval in ms (also the timeout of each replication call).
     #[arg(long, env = "DISTBANK_HEARTBEAT_MS", default_value_t = RaftTiming::default().heartbeat_ms)]
     heartbeat_ms: u64,
-    /// Raft election timeout in ms: a follower that hears no leader for a random time in
-    /// [T, 2T) starts an election.
+    /// Raft election timeout T in ms: a follower that hears nothing from the leader for 2T
+    /// (openraft's leader lease, during which it also refuses to vote) plus a random time in
+    /// [T, 2T) starts an election, so a dead leader is replaced after 3T to 4T.
     #[arg(long, env = "DISTBANK_ELECTION_TIMEOUT_MS", default_value_t = RaftTiming::default().election_timeout_min_ms)]
     election_timeout_ms: u64,
 }
