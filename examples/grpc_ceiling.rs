@@ -2,9 +2,10 @@
 //! against servers that do no work at all, on this machine.
 //!
 //! The servers are a branch's customer server ([`distbank::branch::customer_router`]: the
-//! same per-connection limit and message caps, health beside the Bank service, nodelay) but
-//! answer every `MsgDelivery` at once, without replication; the clients are the bench's (one lazily connected channel per
-//! branch, [`distbank::replay::send_event`] with an event id). The figure is the ceiling for
+//! same per-connection limit and message caps, health beside the Bank service; nodelay on the
+//! accepted sockets, as a branch sets it) but answer every `MsgDelivery` at once, without
+//! replication; the clients are the bench's (one lazily connected channel per branch,
+//! [`distbank::replay::send_event`] with an event id). The figure is the ceiling for
 //! unary customer calls here: no replicated bank on the same wire API can beat it.
 //!
 //! ```sh
