@@ -16,8 +16,10 @@
 //!   hands the operation to the branch.
 //! - [`branch`] turns it into a log entry ([`account::Command::PropagateDeposit`]), forwards it
 //!   to the leader if needed ([`service::peer`]'s `Submit`), waits for commit and for its own
-//!   replica to apply it (concurrent writes share entries and `Submit` calls: [`batch`]); queries are linearizable reads (ReadIndex, concurrent ones sharing
-//!   one round through [`coalesce`]) or logged when they carry an event id.
+//!   replica to apply it (concurrent writes share entries and `Submit` calls: [`batch`]);
+//!   queries are linearizable reads (ReadIndex: the leader answers from its read lease,
+//!   [`replication::lease`], or with a quorum round, concurrent ones sharing one round
+//!   through [`coalesce`]) or logged when they carry an event id.
 //! - [`replication`] is the openraft glue: type config, the log and state machine stores (in
 //!   memory, or backed by a data directory with `distbank branch --data-dir`:
 //!   [`replication::disk`] is the checksummed on-disk format), the peer network client

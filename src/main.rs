@@ -203,6 +203,18 @@ struct ConsensusArgs {
     /// [T, 2T) starts an election, so a dead leader is replaced after 3T to 4T.
     #[arg(long, env = "DISTBANK_ELECTION_TIMEOUT_MS", default_value_t = RaftTiming::default().election_timeout_min_ms)]
     election_timeout_ms: u64,
+    /// How the leader confirms it still leads before answering a linearizable read: `lease`
+    /// (while a quorum of voters acknowledged it within the last 1.5T, no round; relies on
+    /// clocks that do not stop while time goes on, e.g. a suspended VM) or `quorum` (a
+    /// heartbeat round to the voters for every read, or every batch of concurrent reads).
+    #[arg(long, env = "DISTBANK_READ_MODE", value_enum, default_value_t = ReadModeArg::Lease)]
+    read_mode: ReadModeArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReadModeArg {
+    Lease,
+    Quorum,
 }
 
 /// How the branches of a local cluster (`run`, `server`, `bench`) are laid out in the process.
@@ -319,6 +331,7 @@ impl ConsensusArgs {
             heartbeat_ms: self.heartbeat_ms,
             election_timeout_min_ms: self.election_timeout_ms,
             election_timeout_max_ms: self.election_timeout_ms.saturating_mul(2),
+            read_lease: matches!(self.read_mode, ReadModeArg::Lease),
         }
     }
 }

@@ -9,6 +9,8 @@
 //! - `distbank_peer_up{branch,peer}`: whether the last Raft RPC to that peer got an answer;
 //! - `distbank_writes_per_batch{branch,kind}`: group commit at work, writes per log entry
 //!   (`kind="entry"`, on the leader) and per forwarded `Submit` (`kind="forward"`);
+//! - `distbank_read_index_total{branch,path}`: on the leader, read indexes given from its
+//!   lease (`path="lease"`) or after a quorum round (`path="quorum"`);
 //! - `distbank_ready{branch}`: the readiness health status.
 //!
 //! Without `--metrics-listen` nothing is recorded ([`enabled`] is false).
@@ -56,6 +58,12 @@ struct BatchLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReadIndexLabels {
+    branch: u64,
+    path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabels {
     branch: u64,
     peer: u64,
@@ -66,6 +74,7 @@ struct Metrics {
     operations: Family<OperationLabels, Counter>,
     latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     batch_size: Family<BatchLabels, Histogram, fn() -> Histogram>,
+    read_indexes: Family<ReadIndexLabels, Counter>,
     peer_up: Family<PeerLabels, Gauge>,
     ready: Family<BranchLabels, Gauge>,
     term: Family<BranchLabels, Gauge>,
@@ -112,6 +121,12 @@ impl Metrics {
             "Writes per log entry (kind=entry, on the leader) and per forwarded Submit (kind=forward)",
             batch_size.clone(),
         );
+        let read_indexes = Family::default();
+        registry.register(
+            "read_index",
+            "On the leader: read indexes given from its lease (path=lease) or after a quorum round (path=quorum)",
+            read_indexes.clone(),
+        );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
             let family = Family::<BranchLabels, Gauge>::default();
             registry.register(name, help, family.clone());
@@ -148,6 +163,7 @@ impl Metrics {
             operations,
             latency,
             batch_size,
+            read_indexes,
             peer_up,
             ready,
             term,
@@ -224,7 +240,6 @@ pub fn record_operation(branch: NodeId, operation: &'static str, result: &'stati
     }
 }
 
-/// Records whether the last Raft RPC from `branch` to `peer` got an answer.
 /// One group-commit batch of `writes` writes: a log entry (`"entry"`) or a forwarded `Submit`
 /// (`"forward"`).
 pub fn record_batch(branch: NodeId, kind: &'static str, writes: usize) {
@@ -235,6 +250,14 @@ pub fn record_batch(branch: NodeId, kind: &'static str, writes: usize) {
     }
 }
 
+/// Counts one read index given by `branch` as leader, from its lease or after a quorum round.
+pub fn record_read_index(branch: NodeId, path: &'static str) {
+    if let Some(m) = metrics() {
+        m.read_indexes.get_or_create(&ReadIndexLabels { branch, path }).inc();
+    }
+}
+
+/// Records whether the last Raft RPC from `branch` to `peer` got an answer.
 pub fn record_peer(branch: NodeId, peer: NodeId, up: bool) {
     if let Some(m) = metrics() {
         m.peer_up.get_or_create(&PeerLabels { branch, peer }).set(i64::from(up));

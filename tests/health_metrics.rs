@@ -203,6 +203,24 @@ async fn metrics_count_operations_and_readiness_drops_before_the_listener_closes
     let writes = r#"distbank_writes_per_batch_sum{branch="1",kind="entry"}"#;
     assert_eq!(after.get(entries), Some(&2.0), "{after:#?}");
     assert_eq!(after.get(writes), Some(&2.0), "{after:#?}");
+    // A query: its read index comes from the leader's lease (a lone voter needs no round).
+    let lease_reads = r#"distbank_read_index_total{branch="1",path="lease"}"#;
+    let balance = client
+        .msg_delivery(TransactionRequest {
+            customer_id: 1,
+            operation: "query".into(),
+            amount: 0,
+        })
+        .await
+        .expect("query answers")
+        .into_inner();
+    assert_eq!(balance.balance, 125);
+    let read = scrape(&metrics).await;
+    assert!(
+        read.get(lease_reads).copied().unwrap_or(0.0) > after.get(lease_reads).copied().unwrap_or(0.0),
+        "{read:#?}"
+    );
+    assert_eq!(read.get(r#"distbank_read_index_total{branch="1",path="quorum"}"#), None);
 
     // SIGTERM: readiness must turn NOT_SERVING on the still-open listener, then the process
     // drains and exits cleanly.

@@ -22,19 +22,26 @@ use rand::SeedableRng as _;
 const CLIENTS: usize = 16;
 const OPS_PER_CLIENT: usize = 40;
 const INITIAL: u64 = 100;
+/// Leaderships (term, leader) the moving-leader run must see.
+const LEADERSHIPS: usize = 3;
 
 /// One client: random operations on random branches; every write carries a unique event id
 /// and is retried with it on UNAVAILABLE; a fifth of the queries are anonymous.
+/// After its `OPS_PER_CLIENT` operations it goes on (up to ten times as many) until `enough`.
 async fn client(
     index: usize,
     branches: u64,
     clients: distbank::replay::BranchClients,
     start: Instant,
     seed: u64,
+    enough: CancellationToken,
 ) -> Vec<Call> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed + index as u64);
     let mut history = Vec::with_capacity(OPS_PER_CLIENT);
-    for n in 0..OPS_PER_CLIENT {
+    for n in 0..10 * OPS_PER_CLIENT {
+        if n >= OPS_PER_CLIENT && enough.is_cancelled() {
+            break;
+        }
         let branch = rng.random_range(1..=branches);
         let mut bank = support::bank_client(&clients, branch);
         let event_id = (index * 1_000_000 + n) as u64;
@@ -73,10 +80,19 @@ async fn client(
 }
 
 /// Hands the leadership to another voter every few hundred milliseconds until `stop`, and
-/// returns how many leaderships there were. Writes in flight meet a leader that steps down:
-/// entries an old leader sent (to learners, with a commit attached) must never count as
-/// committed unless they are (`replication::piggyback`).
-async fn move_leadership(cluster: &LocalCluster, voters: u64, seed: u64, stop: CancellationToken) -> usize {
+/// returns how many leaderships there were; cancels `enough` once it has seen `LEADERSHIPS`.
+/// Writes in flight meet a leader that steps down: entries an old leader sent (to learners,
+/// with a commit attached) must never count as committed unless they are
+/// (`replication::piggyback`). An election only succeeds once the leader's own lease has run
+/// out (2 T after it was elected: it votes for the candidate; the followers it keeps hearing
+/// from refuse), so the clients go on until the leadership has moved often enough.
+async fn move_leadership(
+    cluster: &LocalCluster,
+    voters: u64,
+    seed: u64,
+    stop: CancellationToken,
+    enough: CancellationToken,
+) -> usize {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut leaders = std::collections::BTreeSet::new();
     while !stop.is_cancelled() {
@@ -88,6 +104,9 @@ async fn move_leadership(cluster: &LocalCluster, voters: u64, seed: u64, stop: C
         let metrics = cluster.branches()[0].branch.raft().metrics().borrow().clone();
         if let Some(leader) = metrics.current_leader {
             leaders.insert((metrics.current_term, leader));
+            if leaders.len() >= LEADERSHIPS {
+                enough.cancel();
+            }
             let candidates: Vec<u64> = (1..=voters).filter(|id| *id != leader).collect();
             let next = candidates[rng.random_range(0..candidates.len())];
             let raft = cluster.branches()[next as usize - 1].branch.raft();
@@ -106,13 +125,17 @@ async fn linearizable_run(branches: u64, voters: usize, seed: u64, move_leaders:
     let cluster = support::start_cluster(branches, INITIAL, voters).await;
     let clients = support::clients(&cluster);
     let start = Instant::now();
+    let enough = CancellationToken::new();
+    if !move_leaders {
+        enough.cancel();
+    }
     let tasks: Vec<_> = (0..CLIENTS)
-        .map(|i| tokio::spawn(client(i, branches, clients.clone(), start, seed)))
+        .map(|i| tokio::spawn(client(i, branches, clients.clone(), start, seed, enough.clone())))
         .collect();
     let stop = CancellationToken::new();
     let elections = async {
         if move_leaders {
-            move_leadership(&cluster, voters as u64, seed, stop.clone()).await
+            move_leadership(&cluster, voters as u64, seed, stop.clone(), enough.clone()).await
         } else {
             0
         }
@@ -130,7 +153,7 @@ async fn linearizable_run(branches: u64, voters: usize, seed: u64, move_leaders:
     if move_leaders {
         println!("{leaderships} leaderships seen during the run");
         assert!(
-            leaderships >= 3,
+            leaderships >= LEADERSHIPS,
             "the leadership moved too rarely to test anything: {leaderships}"
         );
     }
@@ -184,7 +207,9 @@ async fn a_falsified_answer_in_a_real_history_is_caught() {
     let cluster = support::start_cluster(3, INITIAL, 3).await;
     let clients = support::clients(&cluster);
     let start = Instant::now();
-    let mut history = client(0, 3, clients.clone(), start, 7).await;
+    let enough = CancellationToken::new();
+    enough.cancel();
+    let mut history = client(0, 3, clients.clone(), start, 7, enough).await;
     // A sequential history: any query's answer is determined exactly.
     let query = history
         .iter_mut()

@@ -35,6 +35,7 @@ use crate::account::{Command, IDEMPOTENCY_WINDOW, Operation, Outcome, RecentTabl
 use crate::batch::Batcher;
 use crate::coalesce::Coalescer;
 use crate::proto;
+use crate::replication::demand::Waiting;
 use crate::replication::disk::StoreError;
 use crate::replication::network::PeerChannels;
 use crate::replication::store::StateMachine;
@@ -420,10 +421,49 @@ impl Branch {
     }
 
     async fn leader_read_index_round(&self) -> Result<Option<u64>, String> {
+        if let Some(index) = self.lease_read_index().await {
+            crate::metrics::record_read_index(self.inner.id, "lease");
+            return Ok(index);
+        }
+        crate::metrics::record_read_index(self.inner.id, "quorum");
         match self.inner.raft.get_read_log_id().await {
             Ok((read_log_id, _applied)) => Ok(read_log_id.map(|id| id.index)),
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    /// The read index without a quorum round, while this branch leads on a valid lease
+    /// ([`crate::replication::lease`]) and has committed an entry of its own term (before
+    /// that, its commit index may not yet cover what earlier leaders committed). `None`:
+    /// take the round.
+    async fn lease_read_index(&self) -> Option<Option<u64>> {
+        let me = self.inner.id;
+        // Leadership and commit index first, the lease after: a lease still valid after the
+        // snapshot was taken means no other leader can have committed anything before it.
+        let (vote, committed, voters) = self
+            .inner
+            .raft
+            .with_raft_state(|state| {
+                let membership = &state.membership_state;
+                let effective = membership.effective().get_joint_config();
+                // One voter set, the same in the committed configuration: no change under way.
+                let voters: Option<BTreeSet<NodeId>> = match effective.as_slice() {
+                    [voters] if membership.committed().get_joint_config() == effective => {
+                        Some(voters.iter().copied().collect())
+                    }
+                    _ => None,
+                };
+                (*state.vote_ref(), state.committed, voters)
+            })
+            .await
+            .ok()?;
+        let committed = committed?;
+        let leads = vote.is_committed() && vote.leader_id().voted_for() == Some(me);
+        if !leads || committed.leader_id != *vote.leader_id() {
+            return None;
+        }
+        let expiry = self.inner.peers.lease().expiry(&vote, &voters?, me)?;
+        (Instant::now() < expiry).then_some(Some(committed.index))
     }
 
     async fn forward_read_index(&self, leader: NodeId, deadline: Instant) -> Result<Option<u64>, String> {
@@ -439,19 +479,20 @@ impl Branch {
     }
 
     /// A peer waits on this branch as leader (a forwarded write, a read index): when it is a
-    /// learner, it gets new entries at once rather than in batches. `None`: a peer that did not
-    /// say who it is (an older release); every learner counts. Other ids change nothing.
-    pub(crate) fn peer_waits(&self, sender: Option<NodeId>) {
+    /// learner, it gets new entries at once rather than in batches, until it has what the
+    /// request is answered with ([`Waiting::until`]). `None`: a peer that did not say who it
+    /// is (an older release); every learner counts. Voters are never held back anyway.
+    pub(crate) fn peer_waits(&self, sender: Option<NodeId>) -> Option<Waiting> {
         match sender {
-            Some(id) if !self.inner.state.is_learner(id) => {}
-            sender => self.inner.peers.demand().want(sender),
+            Some(id) if !self.inner.state.is_learner(id) => None,
+            sender => Some(self.inner.peers.demand().want(sender)),
         }
     }
 
     /// While this branch leads: every learner gets the entries it lacks at once, as if a
     /// customer waited on each (for a caller that needs every replica current soon).
     pub fn flush_learners(&self) {
-        self.inner.peers.demand().want(None);
+        self.inner.peers.demand().want(None).until(0);
     }
 
     /// Index of the last entry this replica has applied.

@@ -118,7 +118,9 @@ pub async fn start_with_health(
     // appends, and holding its entries until the commit would put that fsync after the commit
     // instead of beside the voters' (see replication::piggyback). Idle learners get entries in
     // batches either way (replication::demand).
-    peers = peers.with_replica(state.clone(), config.data_dir.is_none());
+    peers = peers
+        .with_replica(state.clone(), config.data_dir.is_none())
+        .with_read_lease(config.timing.read_lease());
     let raft = Raft::new(
         config.id,
         Arc::new(raft_config(config.timing)?),

@@ -1,13 +1,15 @@
 //! Consensus glue: openraft's type configuration, the log and state-machine stores (in memory,
 //! optionally backed by a data directory), and the network client that carries Raft messages
 //! over the peer gRPC service (sending learners each entry with its commit: [`piggyback`];
-//! learners no customer waits on get entries in batches: [`demand`]).
+//! learners no customer waits on get entries in batches: [`demand`]; the voters' replies
+//! give the leader its read lease: [`lease`]).
 //!
 //! The branch-level operations built on top (forwarding writes to the leader, linearizable
 //! reads on any member) live in [`crate::branch`]; this module knows nothing about customers.
 
 pub mod demand;
 pub mod disk;
+pub mod lease;
 pub mod network;
 pub mod piggyback;
 pub mod store;
@@ -59,12 +61,30 @@ pub type Raft = openraft::Raft<TypeConfig>;
 
 /// Timing of the consensus protocol. openraft also uses the heartbeat interval as the timeout
 /// of every AppendEntries call, so it must cover a slow, loaded machine (a debug build on two
-/// busy cores takes tens of milliseconds per call); a dead leader is replaced in 1-2 s.
+/// busy cores takes tens of milliseconds per call). A follower refuses votes and starts no
+/// election for `election_timeout_max` after it last heard from the leader, then waits a
+/// random time in [min, max): a dead leader is replaced after `min + max` to `2 max`. Every
+/// branch of a cluster must use the same election timeouts: the leader's read lease relies on
+/// its followers' ([`lease`]).
 #[derive(Debug, Clone, Copy)]
 pub struct RaftTiming {
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
+    /// Whether the leader answers read-index requests from its read lease ([`lease`]) instead
+    /// of confirming its leadership with a quorum round for every read.
+    pub read_lease: bool,
+}
+
+impl RaftTiming {
+    /// The leader's read lease; zero when leases are off.
+    pub fn read_lease(&self) -> std::time::Duration {
+        if self.read_lease {
+            lease::read_lease(std::time::Duration::from_millis(self.election_timeout_max_ms))
+        } else {
+            std::time::Duration::ZERO
+        }
+    }
 }
 
 impl Default for RaftTiming {
@@ -73,6 +93,7 @@ impl Default for RaftTiming {
             heartbeat_ms: 200,
             election_timeout_min_ms: 1000,
             election_timeout_max_ms: 2000,
+            read_lease: true,
         }
     }
 }

@@ -26,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, ClientTlsConfig};
 
 use super::demand::{self, Demand, Wanted};
+use super::lease::LeaseClock;
 use super::piggyback::{LearnerLink, Piggyback};
 use super::store::StateMachine;
 use super::{NodeId, TypeConfig, codec};
@@ -71,6 +72,8 @@ pub struct PeerChannels {
     /// ...at most this far apart (bounded further by half of openraft's call timeout).
     linger: Duration,
     spare_streams: SpareStreams,
+    /// What the voters' replies prove about this branch's leadership (see [`super::lease`]).
+    lease: Arc<LeaseClock>,
 }
 
 impl PeerChannels {
@@ -90,7 +93,20 @@ impl PeerChannels {
             demand: Arc::default(),
             linger: demand::LINGER,
             spare_streams: Arc::default(),
+            lease: Arc::default(),
         }
+    }
+
+    /// Grants the leader read leases of `duration` (see [`super::lease`]); without this call
+    /// every linearizable read takes a quorum round.
+    pub fn with_read_lease(mut self, duration: Duration) -> PeerChannels {
+        self.lease = Arc::new(LeaseClock::new(duration));
+        self
+    }
+
+    /// The leader's read lease, as the replies of its peers establish it.
+    pub fn lease(&self) -> &LeaseClock {
+        &self.lease
     }
 
     /// Holds an idle learner's acknowledgement at most `linger` instead of [`demand::LINGER`].
@@ -153,6 +169,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerChannels {
             learner: LearnerLink::default(),
             wanted: self.demand.watch(target),
             linger: self.linger,
+            lease: self.lease.clone(),
         }
     }
 }
@@ -179,6 +196,7 @@ pub struct PeerConnection {
     /// Whether a customer waits on the peer, while it is a learner.
     wanted: Wanted,
     linger: Duration,
+    lease: Arc<LeaseClock>,
 }
 
 struct AppendStream {
@@ -385,6 +403,8 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        // Before anything is sent: the peer's lease runs from when it handles the request.
+        let sent = tokio::time::Instant::now();
         let piggyback = self.piggyback.as_ref().filter(|p| p.is_learner(self.target));
         let window = option.hard_ttl() / 4;
         if let Some(piggyback) = piggyback {
@@ -400,15 +420,32 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
             self.append_on_stream(&rpc, &option).await
         };
         let delivered = matches!(reply, Ok(AppendEntriesResponse::Success));
+        if !learner
+            && let Ok(
+                AppendEntriesResponse::Success
+                | AppendEntriesResponse::PartialSuccess(_)
+                | AppendEntriesResponse::Conflict,
+            ) = reply
+        {
+            // Every answer but HigherVote means the peer accepted this leader's vote.
+            self.lease.acknowledged(self.target, &rpc.vote, sent);
+        }
         if attached {
             self.learner.record(&rpc, delivered);
         }
-        if learner && delivered && !rpc.entries.is_empty() {
+        if learner
+            && delivered
+            && let Some(last) = rpc.entries.last()
+        {
             // The entries are delivered; holding the answer keeps openraft from sending this
             // learner more until the linger ends or a customer waits on it, and what was
             // appended meanwhile then goes in one request (see replication::demand). Together
-            // with the hold above, well inside openraft's timeout around this call.
-            self.wanted.linger(self.linger.min(window * 2), demand::GRACE).await;
+            // with the hold above, well inside openraft's timeout around this call. The
+            // learner can apply what it got up to the commit sent with it.
+            let sent = last.log_id.index.min(rpc.leader_commit.map_or(0, |id| id.index));
+            self.wanted
+                .linger(sent, self.linger.min(window * 2), demand::GRACE)
+                .await;
         }
         reply
     }
@@ -770,10 +807,10 @@ mod tests {
             let early = tokio::time::timeout(Duration::from_millis(200), &mut sending).await;
             assert!(early.is_err(), "the answer of an idle learner was not held");
             // Another learner's demand changes nothing; this one's ends the hold.
-            channels.demand().want(Some(3));
+            let _theirs = channels.demand().want(Some(3));
             let early = tokio::time::timeout(Duration::from_millis(200), &mut sending).await;
             assert!(early.is_err(), "another learner's demand ended the hold");
-            channels.demand().want(Some(2));
+            let _ours = channels.demand().want(Some(2));
             let ended = tokio::time::timeout(Duration::from_secs(60), sending).await;
             assert!(ended.is_ok(), "a customer's demand did not end the hold");
             assert_eq!(counts.streamed.load(Ordering::SeqCst), 1);
@@ -784,7 +821,7 @@ mod tests {
     async fn a_wanted_learners_acknowledgement_is_not_held() {
         let (mut replica, counts, mut connection, channels) = leader_connection_with(2, true, HOLD).await;
         replica.apply([blank(2), blank(3)]).await.expect("apply");
-        channels.demand().want(Some(2));
+        let _waiting = channels.demand().want(Some(2));
         let sent = tokio::time::timeout(Duration::from_secs(60), send(&mut connection, new_entries(), LONG)).await;
         assert!(sent.is_ok(), "the answer of a wanted learner was held");
         assert_eq!(counts.streamed.load(Ordering::SeqCst), 1);

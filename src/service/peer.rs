@@ -94,9 +94,8 @@ impl Peer for PeerService {
                     .ok_or_else(|| Status::invalid_argument(format!("write {i}: a query is a read, not a log entry")))
             })
             .collect::<Result<Vec<_>, Status>>()?;
-        // The sender waits for the new entries: once now, so they go to it without lingering,
-        // and once more when they are applied, to end a linger that began meanwhile.
-        self.branch.peer_waits(sender);
+        // The sender waits for the new entries: they go to it without lingering.
+        let waiting = self.branch.peer_waits(sender);
         // Concurrent submissions: the leader's group commit puts them in as few entries as it can.
         let results = futures::future::join_all(
             writes
@@ -105,7 +104,10 @@ impl Peer for PeerService {
                 .map(|(write, command)| self.submit_one(command, &write.traceparent)),
         )
         .await;
-        self.branch.peer_waits(sender);
+        if let Some(waiting) = waiting {
+            let last = results.iter().flatten().map(|committed| committed.log_index).max();
+            waiting.until(last.unwrap_or(0));
+        }
         if !results.is_empty() && results.iter().all(|r| matches!(r, Err(SubmitError::NotLeader))) {
             // The sender retries with whoever leads now.
             return Err(Status::failed_precondition("not the leader"));
@@ -134,9 +136,11 @@ impl Peer for PeerService {
     async fn read_index(&self, request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexReply>, Status> {
         // The sender waits for everything up to the read index: as for a forwarded write.
         let sender = request.into_inner().sender;
-        self.branch.peer_waits(sender);
+        let waiting = self.branch.peer_waits(sender);
         let read_index = self.branch.local_read_index().await;
-        self.branch.peer_waits(sender);
+        if let (Some(waiting), Ok(index)) = (waiting, &read_index) {
+            waiting.until(index.unwrap_or(0));
+        }
         match read_index {
             Ok(read_index) => Ok(Response::new(ReadIndexReply { read_index })),
             Err(e) => Err(Status::failed_precondition(format!("cannot serve a read index: {e}"))),
