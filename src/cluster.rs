@@ -1,14 +1,16 @@
 //! Many branches in one process on loopback: what `distbank run` and `distbank server` start,
 //! and what the integration tests use.
 //!
-//! The branches run on one single-threaded tokio runtime per core (started once per process),
-//! each branch
-//! with all its tasks and connections on one of them, instead of on one work-stealing runtime:
+//! With [`Runtimes::PerCore`] the branches run on one single-threaded tokio runtime per core
+//! (started once per process), each branch with all its tasks and connections on one of them,
+//! instead of on one work-stealing runtime:
 //! on a two-core machine the work-stealing runtime spent most of the second core on moving
 //! tasks between threads and waking them (a 5-branch cluster under 64 concurrent clients: one
 //! worker thread did 12.9k ops/s on one core, two did 14.9k on two). Branches talk over
 //! loopback TCP either way, as pods do, so nothing is shared between the runtimes but the
-//! process.
+//! process. For a sequential replay the CLI runs the whole process on one thread instead
+//! ([`Runtimes::Shared`] on a current-thread runtime: `--runtimes single`), where every hop
+//! of an event's chain of calls is a wake-up on the same thread.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};

@@ -8,8 +8,9 @@
 //! The path of one deposit through `distbank run input.json`:
 //!
 //! - [`input`] loads and validates the course's input.json (errors name file, item, field).
-//! - [`cluster`] starts one branch per input branch on loopback listeners, spread over
-//!   single-threaded runtimes (one per core), and waits until each reports SERVING.
+//! - [`cluster`] starts one branch per input branch on loopback listeners (all on one thread
+//!   for a sequential replay, spread over single-threaded runtimes, one per core, for
+//!   concurrent customers), and waits until each reports SERVING.
 //! - [`replay`] sends each customer's events, in event-id order, to the customer's branch,
 //!   with the event id as idempotency key, retrying transient failures.
 //! - [`service::bank`] is the customer API: validates the request, refuses `propagate_*`,

@@ -220,24 +220,58 @@ enum ReadModeArg {
 /// How the branches of a local cluster (`run`, `server`, `bench`) are laid out in the process.
 #[derive(Args, Clone)]
 struct LocalArgs {
-    /// Where the branches' tasks run: `per-core` (one single-threaded runtime per core, each
-    /// branch on one of them; on two cores about 1.6x the throughput of `shared`) or `shared`
-    /// (all on one work-stealing runtime).
-    #[arg(long, env = "DISTBANK_RUNTIMES", value_enum, default_value_t = RuntimesArg::PerCore)]
+    /// Where the branches' tasks run: `single` (the whole process on one thread: the fastest
+    /// for a sequential replay, whose events go one at a time through several branches),
+    /// `per-core` (one single-threaded runtime per core, each branch on one of them: the
+    /// most throughput for concurrent customers), `shared` (all on one work-stealing runtime),
+    /// or `auto`: `single` for sequential replays (`run`, `bench` on an input), `per-core`
+    /// otherwise (`server`, `bench --concurrent`, `--concurrency` above 1).
+    #[arg(long, env = "DISTBANK_RUNTIMES", value_enum, default_value_t = RuntimesArg::Auto)]
     runtimes: RuntimesArg,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum RuntimesArg {
+    Auto,
+    Single,
     PerCore,
     Shared,
+}
+
+impl Command {
+    /// Settles `--runtimes auto` for this command; `true` when the process must run on one
+    /// thread.
+    fn settle_runtimes(&mut self) -> bool {
+        let (local, sequential) = match self {
+            Command::Run { local, replay, .. } => (local, replay.concurrency <= 1),
+            Command::Bench {
+                local,
+                replay,
+                concurrent,
+                ..
+            } => (local, concurrent.is_none() && replay.concurrency <= 1),
+            Command::Server { local, .. } => (local, false),
+            _ => return false,
+        };
+        if local.runtimes == RuntimesArg::Auto {
+            local.runtimes = if sequential {
+                RuntimesArg::Single
+            } else {
+                RuntimesArg::PerCore
+            };
+        }
+        local.runtimes == RuntimesArg::Single
+    }
 }
 
 impl From<RuntimesArg> for distbank::cluster::Runtimes {
     fn from(arg: RuntimesArg) -> Self {
         match arg {
             RuntimesArg::PerCore => distbank::cluster::Runtimes::PerCore,
-            RuntimesArg::Shared => distbank::cluster::Runtimes::Shared,
+            // The process's runtime is then the one thread (see `main`).
+            RuntimesArg::Shared | RuntimesArg::Single => distbank::cluster::Runtimes::Shared,
+            // Settled before any cluster starts (`Command::settle_runtimes`).
+            RuntimesArg::Auto => distbank::cluster::Runtimes::PerCore,
         }
     }
 }
@@ -347,12 +381,18 @@ impl ReplayArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     let quiet = matches!(
         cli.command,
         Command::Run { .. } | Command::Client { .. } | Command::Bench { .. }
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let single = cli.command.settle_runtimes();
+    let mut builder = if single {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("distbank: cannot start the async runtime: {e}");
@@ -383,8 +423,13 @@ fn main() -> ExitCode {
         dispatch(cli.command).await
     });
     metrics_stop.cancel();
-    // Flush the spans still buffered while the runtime (and the exporter's channel) runs.
-    telemetry.shutdown();
+    // Flush the spans still buffered while the runtime (and the exporter's channel) runs: on
+    // a single-threaded runtime only `block_on` drives the channel's connection.
+    runtime.block_on(async {
+        if let Err(e) = tokio::task::spawn_blocking(move || telemetry.shutdown()).await {
+            eprintln!("distbank: flushing traces: {e}");
+        }
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
