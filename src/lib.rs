@@ -34,7 +34,9 @@
 //! StatefulSet ordinals), [`proto`] (generated code and every wire conversion), [`telemetry`]
 //! (logging, OTLP trace export only when an endpoint is set, W3C context in gRPC metadata and
 //! in log entries), [`metrics`] (Prometheus `/metrics` on its own listener), [`bench`](mod@bench) (timed local runs for `distbank bench`), [`artifact`] (uploading
-//! output.json to a Kubernetes ConfigMap from the replay Job).
+//! output.json to a Kubernetes ConfigMap from the replay Job). The `distbank` binary
+//! (`src/bin/distbank/`: `cli.rs` the flags, `commands.rs` the subcommands) is a thin layer
+//! over this library.
 
 pub mod account;
 pub mod artifact;
