@@ -437,6 +437,10 @@ impl Branch {
     /// that, its commit index may not yet cover what earlier leaders committed). `None`:
     /// take the round.
     async fn lease_read_index(&self) -> Option<Option<u64>> {
+        // With leases off (`--read-mode quorum`), not even the trip to openraft's core.
+        if !self.inner.peers.lease().grants() {
+            return None;
+        }
         let me = self.inner.id;
         // Leadership and commit index first, the lease after: a lease still valid after the
         // snapshot was taken means no other leader can have committed anything before it.

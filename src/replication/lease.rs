@@ -55,9 +55,14 @@ impl LeaseClock {
         }
     }
 
+    /// Whether leases are on (a zero duration turns them off).
+    pub fn grants(&self) -> bool {
+        !self.duration.is_zero()
+    }
+
     /// `peer` accepted `vote` in its reply to a request sent at `sent`.
     pub fn acknowledged(&self, peer: NodeId, vote: &Vote<NodeId>, sent: Instant) {
-        if self.duration.is_zero() || !vote.is_committed() {
+        if !self.grants() || !vote.is_committed() {
             return;
         }
         let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
@@ -79,7 +84,7 @@ impl LeaseClock {
     /// set (one configuration, not a joint one): the send time that a quorum has acknowledged,
     /// plus the lease. `None` if no quorum has acknowledged `vote`, or leases are off.
     pub fn expiry(&self, vote: &Vote<NodeId>, voters: &BTreeSet<NodeId>, leader: NodeId) -> Option<Instant> {
-        if self.duration.is_zero() || !voters.contains(&leader) {
+        if !self.grants() || !voters.contains(&leader) {
             return None;
         }
         // The leader counts for itself: it needs `quorum - 1` others, and the lease runs from
