@@ -11,6 +11,9 @@
 //!   (`kind="entry"`, on the leader) and per forwarded `Submit` (`kind="forward"`);
 //! - `distbank_read_index_total{branch,path}`: on the leader, read indexes given from its
 //!   lease (`path="lease"`) or after a quorum round (`path="quorum"`);
+//! - `distbank_pre_votes_total{branch,result}`: pre-vote rounds a voter ran because it heard
+//!   from no leader: `won` (it then started an election) or `lost` (a majority still hears the
+//!   leader or has a newer log: this branch is likely cut off);
 //! - `distbank_ready{branch}`: the readiness health status.
 //!
 //! Without `--metrics-listen` nothing is recorded ([`enabled`] is false).
@@ -64,6 +67,12 @@ struct ReadIndexLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PreVoteLabels {
+    branch: u64,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabels {
     branch: u64,
     peer: u64,
@@ -75,6 +84,7 @@ struct Metrics {
     latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     batch_size: Family<BatchLabels, Histogram, fn() -> Histogram>,
     read_indexes: Family<ReadIndexLabels, Counter>,
+    pre_votes: Family<PreVoteLabels, Counter>,
     peer_up: Family<PeerLabels, Gauge>,
     ready: Family<BranchLabels, Gauge>,
     term: Family<BranchLabels, Gauge>,
@@ -127,6 +137,12 @@ impl Metrics {
             "On the leader: read indexes given from its lease (path=lease) or after a quorum round (path=quorum)",
             read_indexes.clone(),
         );
+        let pre_votes = Family::default();
+        registry.register(
+            "pre_votes",
+            "Pre-vote rounds of a voter that heard from no leader: won (an election follows) or lost",
+            pre_votes.clone(),
+        );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
             let family = Family::<BranchLabels, Gauge>::default();
             registry.register(name, help, family.clone());
@@ -164,6 +180,7 @@ impl Metrics {
             latency,
             batch_size,
             read_indexes,
+            pre_votes,
             peer_up,
             ready,
             term,
@@ -254,6 +271,14 @@ pub fn record_batch(branch: NodeId, kind: &'static str, writes: usize) {
 pub fn record_read_index(branch: NodeId, path: &'static str) {
     if let Some(m) = metrics() {
         m.read_indexes.get_or_create(&ReadIndexLabels { branch, path }).inc();
+    }
+}
+
+/// Counts one pre-vote round of `branch`, won or lost.
+pub fn record_pre_vote(branch: NodeId, won: bool) {
+    if let Some(m) = metrics() {
+        let result = if won { "won" } else { "lost" };
+        m.pre_votes.get_or_create(&PreVoteLabels { branch, result }).inc();
     }
 }
 

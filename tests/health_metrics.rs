@@ -2,8 +2,9 @@
 //! readiness NOT_SERVING on SIGTERM while the listener still answers, and `/metrics` counters
 //! that move with customer operations.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+mod support;
+
+use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -121,31 +122,6 @@ async fn wait_for_status(channel: &Channel, service: &str, want: ServingStatus) 
 }
 
 /// GET /metrics over a plain HTTP/1.1 connection; the samples by series.
-async fn scrape(addr: &str) -> BTreeMap<String, f64> {
-    let addr = addr.to_string();
-    let response = tokio::task::spawn_blocking(move || {
-        let mut stream = std::net::TcpStream::connect(&addr).expect("metrics port");
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        response
-    })
-    .await
-    .unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "scrape failed: {head}");
-    body.lines()
-        .filter(|line| !line.starts_with('#') && !line.is_empty())
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            Some((series.to_string(), value.parse().ok()?))
-        })
-        .collect()
-}
-
 async fn deposit(client: &mut BankClient<Channel>, event: u64, amount: i32) -> String {
     let mut request = tonic::Request::new(TransactionRequest {
         customer_id: 1,
@@ -182,7 +158,7 @@ async fn metrics_count_operations_and_readiness_drops_before_the_listener_closes
     assert_eq!(check(&channel, "liveness").await, ServingStatus::Serving);
 
     let deposits = r#"distbank_operations_total{branch="1",operation="deposit",result="success"}"#;
-    let before = scrape(&metrics).await;
+    let before = support::scrape(&metrics, TIMEOUT).await;
     assert_eq!(before.get(deposits), None, "no deposit yet: {before:#?}");
     assert_eq!(before.get(r#"distbank_raft_is_leader{branch="1"}"#), Some(&1.0));
     assert_eq!(before.get(r#"distbank_ready{branch="1"}"#), Some(&1.0));
@@ -190,7 +166,7 @@ async fn metrics_count_operations_and_readiness_drops_before_the_listener_closes
     let mut client = BankClient::new(channel.clone());
     assert_eq!(deposit(&mut client, 1, 10).await, "success");
     assert_eq!(deposit(&mut client, 2, 15).await, "success");
-    let after = scrape(&metrics).await;
+    let after = support::scrape(&metrics, TIMEOUT).await;
     assert_eq!(after.get(deposits), Some(&2.0), "{after:#?}");
     assert_eq!(
         after.get(r#"distbank_operation_duration_seconds_count{branch="1",operation="deposit"}"#),
@@ -215,7 +191,7 @@ async fn metrics_count_operations_and_readiness_drops_before_the_listener_closes
         .expect("query answers")
         .into_inner();
     assert_eq!(balance.balance, 125);
-    let read = scrape(&metrics).await;
+    let read = support::scrape(&metrics, TIMEOUT).await;
     assert!(
         read.get(lease_reads).copied().unwrap_or(0.0) > after.get(lease_reads).copied().unwrap_or(0.0),
         "{read:#?}"

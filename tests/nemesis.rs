@@ -1,9 +1,9 @@
 //! A Jepsen-style fault test. Five `distbank branch` processes (all voting, each with a data
 //! directory) serve concurrent clients while a nemesis SIGKILLs and restarts branches (the
 //! leader on every other kill) and cuts one branch off from the others. Every peer connection
-//! goes through a TCP proxy in this test (branch A reaches branch B at the proxy for A→B), so
-//! a partition is exact: the proxies to and from the victim refuse new connections and drop
-//! open ones.
+//! goes through a TCP proxy in this test (`support/proxy.rs`: branch A reaches branch B at the
+//! proxy for A→B), so a partition is exact: the proxies to and from the victim refuse new
+//! connections and drop open ones.
 //!
 //! Clients retry every failed call with the same event id on another branch, so each call is
 //! one operation from its first attempt to its answer. Checked afterwards: the history is
@@ -18,21 +18,21 @@ mod support;
 mod linearizability;
 #[path = "support/processes.rs"]
 mod processes;
+#[path = "support/proxy.rs"]
+mod proxy;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use distbank::replay::BranchClients;
 use futures::StreamExt as _;
 use linearizability::{Call, Op, Ret, Verdict};
-use processes::{BranchProcess, BranchSpec, free_ports, wait_leader, wait_serving};
+use processes::{BranchProcess, wait_leader, wait_serving};
+use proxy::Network;
 use rand::Rng as _;
 use rand::SeedableRng as _;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 const BRANCHES: u64 = 5;
 const CLIENTS: usize = 6;
@@ -42,107 +42,6 @@ const FAULT_PHASE: Duration = Duration::from_secs(40);
 const WAIT: Duration = Duration::from_secs(90);
 /// A call that has not been answered after this long (retries included) fails the test.
 const CALL_BUDGET: Duration = Duration::from_secs(60);
-
-// --- the network: one proxy per ordered pair of branches ------------------------------------
-
-/// One direction of one branch pair. `open` and the token are changed together under the lock,
-/// so no connection slips through a partition.
-struct Link {
-    from: u64,
-    to: u64,
-    state: Mutex<(bool, CancellationToken)>,
-}
-
-struct Network {
-    links: Vec<Arc<Link>>,
-    stop: CancellationToken,
-}
-
-impl Network {
-    /// Starts a proxy for every ordered pair; returns the network and each branch's `--peers`.
-    async fn start(peer_ports: &BTreeMap<u64, u16>) -> (Network, BTreeMap<u64, String>) {
-        let stop = CancellationToken::new();
-        let mut links = Vec::new();
-        let mut peers: BTreeMap<u64, Vec<String>> = BTreeMap::new();
-        for (&from, &own_port) in peer_ports {
-            for (&to, &to_port) in peer_ports {
-                if from == to {
-                    peers
-                        .entry(from)
-                        .or_default()
-                        .push(format!("{from}=127.0.0.1:{own_port}"));
-                    continue;
-                }
-                let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
-                let port = listener.local_addr().expect("addr").port();
-                peers.entry(from).or_default().push(format!("{to}=127.0.0.1:{port}"));
-                let link = Arc::new(Link {
-                    from,
-                    to,
-                    state: Mutex::new((true, CancellationToken::new())),
-                });
-                let target: SocketAddr = ([127, 0, 0, 1], to_port).into();
-                tokio::spawn(proxy(listener, target, link.clone(), stop.clone()));
-                links.push(link);
-            }
-        }
-        let peers = peers.into_iter().map(|(id, list)| (id, list.join(","))).collect();
-        (Network { links, stop }, peers)
-    }
-
-    /// Cuts `branch` off: nothing to or from it gets through until [`Network::heal`].
-    fn isolate(&self, branch: u64) {
-        for link in self.links.iter().filter(|l| l.from == branch || l.to == branch) {
-            let mut state = link.state.lock().expect("link");
-            state.0 = false;
-            state.1.cancel();
-            state.1 = CancellationToken::new();
-        }
-    }
-
-    fn heal(&self) {
-        for link in &self.links {
-            link.state.lock().expect("link").0 = true;
-        }
-    }
-}
-
-impl Drop for Network {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-async fn proxy(listener: TcpListener, target: SocketAddr, link: Arc<Link>, stop: CancellationToken) {
-    loop {
-        let mut inbound = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-        };
-        let cut = {
-            let state = link.state.lock().expect("link");
-            if !state.0 {
-                continue; // dropping `inbound` refuses the connection
-            }
-            state.1.clone()
-        };
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let Ok(mut outbound) = TcpStream::connect(target).await else {
-                return; // the target is down: the caller sees the connection close
-            };
-            let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
-            tokio::select! {
-                _ = cut.cancelled() => {}
-                _ = stop.cancelled() => {}
-                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-            }
-        });
-    }
-}
 
 // --- clients ------------------------------------------------------------------------------------
 
@@ -361,27 +260,10 @@ fn summary(durations: &[Duration]) -> String {
 async fn nemesis_run(seed: u64) {
     let test_started = Instant::now();
     let dir = tempfile::tempdir().expect("tempdir");
-    let input = processes::write_input(dir.path(), BRANCHES, INITIAL);
-    let ports = free_ports(2 * BRANCHES as usize);
-    let customer_ports: BTreeMap<u64, u16> = (1..=BRANCHES).map(|id| (id, ports[id as usize - 1])).collect();
-    let peer_ports: BTreeMap<u64, u16> = (1..=BRANCHES)
-        .map(|id| (id, ports[(BRANCHES + id) as usize - 1]))
-        .collect();
-    let (network, peers) = Network::start(&peer_ports).await;
-    let branches: Vec<BranchProcess> = (1..=BRANCHES)
-        .map(|id| {
-            BranchProcess::start(BranchSpec {
-                id,
-                input: input.clone(),
-                customer_port: customer_ports[&id],
-                peer_port: peer_ports[&id],
-                peers: peers[&id].clone(),
-                data_dir: dir.path().join(format!("data-{id}")),
-                log: dir.path().join(format!("branch-{id}.log")),
-                args: ["--voters", "5", "--request-timeout", "3"].map(String::from).to_vec(),
-            })
-        })
-        .collect();
+    let (network, branches) = proxy::start_branches(dir.path(), BRANCHES, INITIAL, |_| {
+        ["--voters", "5", "--request-timeout", "3"].map(String::from).to_vec()
+    })
+    .await;
     let clients = processes::clients_for(&branches);
     let direct_peers = branches.iter().map(|b| (b.spec.id, b.peer_addr())).collect();
     let mut cluster = Cluster {

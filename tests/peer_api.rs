@@ -64,6 +64,7 @@ async fn undecodable_raft_messages_are_refused_and_change_nothing() {
                 .await
                 .expect_err("exabyte refused"),
             peer.vote(garbage()).await.expect_err("vote refused"),
+            peer.pre_vote(garbage()).await.expect_err("pre-vote refused"),
             peer.install_snapshot(garbage()).await.expect_err("snapshot refused"),
         ] {
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");

@@ -1,11 +1,13 @@
 //! Raft messages as they arrive in a `RaftPayload` (what a branch decodes from a peer: the
-//! requests of AppendEntries, its stream, Vote and InstallSnapshot, and the replies a leader
-//! decodes): arbitrary bytes never panic the decoder, and whatever decodes encodes again to
-//! bytes that decode to the same message (one canonical form, so nothing is lost in transit).
+//! requests of AppendEntries, its stream, Vote, PreVote and InstallSnapshot, and the replies
+//! a leader or candidate decodes): arbitrary bytes never panic the decoder, and whatever
+//! decodes encodes again to bytes that decode to the same message (one canonical form, so
+//! nothing is lost in transit).
 #![no_main]
 
 use std::fmt::Debug;
 
+use distbank::branch::{PreVoteReply, PreVoteRequest};
 use distbank::replication::codec;
 use distbank::replication::{NodeId, TypeConfig};
 use libfuzzer_sys::fuzz_target;
@@ -30,6 +32,8 @@ fn round_trip<T: Serialize + DeserializeOwned + Debug>(data: &[u8]) {
 fuzz_target!(|data: &[u8]| {
     round_trip::<AppendEntriesRequest<TypeConfig>>(data);
     round_trip::<VoteRequest<NodeId>>(data);
+    round_trip::<PreVoteRequest>(data);
+    round_trip::<PreVoteReply>(data);
     round_trip::<InstallSnapshotRequest<TypeConfig>>(data);
     round_trip::<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>(data);
     round_trip::<Result<VoteResponse<NodeId>, RaftError<NodeId>>>(data);

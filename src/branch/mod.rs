@@ -10,8 +10,11 @@
 //!
 //! Around them: [`server`] runs a branch (its two gRPC listeners, start-up, shutdown),
 //! [`membership`] forms the cluster (voters, then every other branch as a non-voting replica),
+//! [`election`] decides when a voter campaigns (pre-vote),
 //! [`readiness`] is what its health service reports.
 
+mod election;
+pub use election::{PreVoteReply, PreVoteRequest};
 mod membership;
 mod readiness;
 mod server;
@@ -38,7 +41,7 @@ use crate::proto;
 use crate::replication::demand::Waiting;
 use crate::replication::disk::StoreError;
 use crate::replication::network::PeerChannels;
-use crate::replication::store::StateMachine;
+use crate::replication::store::{LogStore, StateMachine};
 use crate::replication::{NodeId, Proposal, Proposed, Raft, RaftTiming};
 use crate::transport::{PeerTls, TlsError};
 use crate::{metrics, telemetry, transport};
@@ -127,6 +130,9 @@ struct Inner {
     raft: Raft,
     state: StateMachine,
     peers: PeerChannels,
+    /// The log, for its last entry's id (pre-votes compare logs: [`election`]).
+    log: LogStore,
+    timing: RaftTiming,
     request_timeout: Duration,
     /// Answers given to queries, by event id (this branch's own; queries are not replicated).
     /// Bounded like the replicated table (the most recent `IDEMPOTENCY_WINDOW` ids).
@@ -158,7 +164,7 @@ pub struct Committed {
 
 impl Branch {
     /// Wires a branch's operations to its Raft instance, replica and peer connections.
-    fn new(config: &BranchConfig, raft: Raft, state: StateMachine, peers: PeerChannels) -> Branch {
+    fn new(config: &BranchConfig, raft: Raft, state: StateMachine, log: LogStore, peers: PeerChannels) -> Branch {
         Branch {
             inner: Arc::new_cyclic(|inner: &std::sync::Weak<Inner>| {
                 // The rounds hold a weak handle: the coalescers' tasks end with the branch.
@@ -182,6 +188,8 @@ impl Branch {
                 Inner {
                     id: config.id,
                     state,
+                    log,
+                    timing: config.timing,
                     request_timeout: config.request_timeout,
                     queries: std::sync::Mutex::new(RecentTable::new(IDEMPOTENCY_WINDOW)),
                     read_indexes: Coalescer::new(round(false)),

@@ -13,6 +13,7 @@ use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
+use super::election::campaign;
 use super::membership::manage_membership;
 use super::readiness::{LIVENESS, await_readiness, set_readiness};
 use super::{Branch, BranchConfig, BranchError, MAX_CUSTOMER_MESSAGE, MAX_CUSTOMER_REQUESTS_PER_CONNECTION};
@@ -107,6 +108,7 @@ pub async fn start_with_health(
         }
     };
     let state = storage.state.clone();
+    let log = storage.log.clone();
     let mut peers = PeerChannels::new(
         config.id,
         Duration::from_secs(2),
@@ -130,7 +132,7 @@ pub async fn start_with_health(
     )
     .await
     .map_err(|e| BranchError::Start(e.to_string()))?;
-    let branch = Branch::new(&config, raft, state, peers);
+    let branch = Branch::new(&config, raft, state, log, peers);
 
     // TLS settings are checked before anything starts, so a bad certificate is a start error.
     let customer_builder = server_builder(config.tls.customer.as_ref(), "customer API")?;
@@ -265,6 +267,7 @@ async fn serve(
 
     let background = CancellationToken::new();
     let membership_task = tokio::spawn(manage_membership(config.clone(), branch.clone(), background.clone()));
+    let election_task = tokio::spawn(campaign(branch.clone(), config.timing, background.clone()));
     let readiness_task = tokio::spawn(await_readiness(
         branch.clone(),
         health.clone(),
@@ -296,6 +299,7 @@ async fn serve(
     background.cancel();
     let _ = membership_task.await;
     let _ = readiness_task.await;
+    let _ = election_task.await;
     // Drain customers first (their requests need consensus), then stop Raft, then peers.
     customer_stop.cancel();
     let customer_result = customer_server.await;

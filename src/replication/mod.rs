@@ -106,6 +106,9 @@ pub fn raft_config(timing: RaftTiming) -> Result<openraft::Config, openraft::Con
         heartbeat_interval: timing.heartbeat_ms,
         election_timeout_min: timing.election_timeout_min_ms,
         election_timeout_max: timing.election_timeout_max_ms,
+        // Elections are started by the branch's own timer, after a pre-vote
+        // (crate::branch's election module), not by openraft's.
+        enable_elect: false,
         // Snapshot and purge so the log does not grow without bound on long runs.
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
         max_in_snapshot_log_to_keep: 1_000,

@@ -549,6 +549,10 @@ mod tests {
             Err(Status::unimplemented("vote"))
         }
 
+        async fn pre_vote(&self, _: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("pre_vote"))
+        }
+
         async fn install_snapshot(&self, _: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
             Err(Status::unimplemented("install_snapshot"))
         }

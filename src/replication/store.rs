@@ -107,6 +107,16 @@ pub struct LogStore {
 }
 
 impl LogStore {
+    /// The id of the last entry in the log (or of the last purged one when it is empty).
+    pub fn last_log_id(&self) -> Option<LogId<NodeId>> {
+        let log = lock(&self.inner);
+        log.entries
+            .values()
+            .next_back()
+            .map(|entry| entry.log_id)
+            .or(log.last_purged)
+    }
+
     /// Records `record` on disk (synced when `sync`) and then in memory. File I/O runs on
     /// tokio's blocking pool so a slow fsync does not stall other tasks.
     async fn change(&self, record: Record, sync: bool) -> Result<(), StoreError> {

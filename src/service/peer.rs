@@ -75,6 +75,11 @@ impl Peer for PeerService {
         encode(&result).map(Response::new)
     }
 
+    async fn pre_vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let reply = self.branch.answer_pre_vote(&decode(request.get_ref())?).await;
+        encode(&reply).map(Response::new)
+    }
+
     async fn install_snapshot(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let result = self.branch.raft().install_snapshot(decode(request.get_ref())?).await;
         encode(&result).map(Response::new)

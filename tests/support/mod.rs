@@ -103,3 +103,30 @@ pub async fn replicas_converge(cluster: &LocalCluster, balance: u64) {
         "replicas differ: {balances:?}"
     );
 }
+
+/// Scrapes a `/metrics` endpoint: every series (name with labels) and its value.
+pub async fn scrape(addr: &str, timeout: Duration) -> std::collections::BTreeMap<String, f64> {
+    use std::io::{Read as _, Write as _};
+    let addr = addr.to_string();
+    let response = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(&addr).expect("metrics port");
+        stream.set_read_timeout(Some(timeout)).expect("read timeout");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        response
+    })
+    .await
+    .expect("scrape task");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "scrape failed: {head}");
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}

@@ -1,0 +1,392 @@
+//! When a voter starts an election: only once a majority of the voters would vote for it
+//! (pre-vote, as etcd and CockroachDB do it).
+//!
+//! openraft 0.9 has no pre-vote. A voter cut off from the others keeps starting elections, each
+//! with a higher term, and once it is reachable again that term deposes the working leader (the
+//! leader's next AppendEntries is answered with the higher vote): one more election and seconds
+//! without writes, caused by a branch that could not have won. So openraft's own election timer
+//! is off ([`crate::replication::raft_config`]) and [`campaign`] decides instead, by openraft's
+//! rule (no word from a leader for the leader lease plus a random election timeout), but first
+//! asks the other voters whether they *would* grant the vote, without anyone changing term.
+//! They answer with the checks openraft's vote handler makes ([`refusal`]): their own leader
+//! lease has expired, and the candidate's log is at least as up to date as theirs; a leader
+//! always refuses. Only with a majority (itself included) is openraft's election triggered.
+//! The election itself (votes, terms, what a vote needs) stays openraft's: this only decides
+//! when to ask for one, so it cannot make two leaders, only (if it were wrong) none.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use openraft::{LogId, ServerState};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Branch;
+use crate::proto::peer::RaftPayload;
+use crate::replication::{NodeId, RaftTiming, codec};
+
+/// "Would you vote for me?", sent to every other voter before an election.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PreVoteRequest {
+    pub candidate: NodeId,
+    pub last_log_id: Option<LogId<NodeId>>,
+}
+
+/// The answer; `refused`: why not (`None`: it would vote for the candidate).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PreVoteReply {
+    pub refused: Option<String>,
+}
+
+/// What a voter's state says about elections, read from openraft's state.
+#[derive(Debug, Clone)]
+pub(crate) struct Standing {
+    pub leads: bool,
+    /// Whether this branch votes in the effective membership.
+    pub votes: bool,
+    /// The vote is committed: it knows a leader of its term.
+    pub vote_committed: bool,
+    /// When the vote was last confirmed (by the leader's AppendEntries, or by voting).
+    pub vote_updated: Option<Instant>,
+    pub last_log_id: Option<LogId<NodeId>>,
+    /// The voters of each configuration (two during a membership change).
+    pub configs: Vec<Vec<NodeId>>,
+}
+
+/// Why a voter in `standing` would refuse `candidate_log` its vote now, as openraft's vote
+/// handler would (a leader also refuses: it is alive, so nobody needs to replace it).
+pub(crate) fn refusal(
+    standing: &Standing,
+    candidate_log: Option<&LogId<NodeId>>,
+    now: Instant,
+    lease: Duration,
+) -> Option<&'static str> {
+    if standing.leads {
+        return Some("this branch leads");
+    }
+    if standing.vote_committed && standing.vote_updated.is_some_and(|updated| now <= updated + lease) {
+        return Some("this branch heard from its leader within the leader lease");
+    }
+    if candidate_log < standing.last_log_id.as_ref() {
+        return Some("the candidate's log is behind this branch's");
+    }
+    None
+}
+
+/// Whether a voter in `standing` is due to campaign: openraft's own rule, with `timeout` the
+/// random election timeout of this attempt (the only voter campaigns at once: nobody else can).
+pub(crate) fn election_due(standing: &Standing, now: Instant, lease: Duration, timeout: Duration) -> bool {
+    if standing.leads || !standing.votes {
+        return false;
+    }
+    if standing.configs.iter().all(|voters| voters.len() == 1) {
+        return true;
+    }
+    let wait = if standing.vote_committed {
+        lease + timeout
+    } else {
+        timeout
+    };
+    standing.vote_updated.is_none_or(|updated| now >= updated + wait)
+}
+
+/// Whether `granted` holds a majority of every configuration's voters.
+pub(crate) fn quorum(configs: &[Vec<NodeId>], granted: &BTreeSet<NodeId>) -> bool {
+    !configs.is_empty()
+        && configs
+            .iter()
+            .all(|voters| voters.iter().filter(|id| granted.contains(id)).count() * 2 > voters.len())
+}
+
+impl Branch {
+    /// This branch's [`Standing`], read from openraft's core; `None` once Raft has stopped.
+    pub(crate) async fn standing(&self) -> Option<Standing> {
+        let me = self.inner.id;
+        let last_log_id = self.inner.log.last_log_id();
+        self.inner
+            .raft
+            .with_raft_state(move |state| {
+                let effective = state.membership_state.effective();
+                Standing {
+                    leads: state.server_state == ServerState::Leader,
+                    votes: effective.voter_ids().any(|id| id == me),
+                    vote_committed: state.vote_ref().is_committed(),
+                    vote_updated: state.vote_last_modified(),
+                    last_log_id,
+                    configs: effective.get_joint_config().clone(),
+                }
+            })
+            .await
+            .ok()
+    }
+
+    /// The peer service's `PreVote`: whether this branch would vote for the candidate now.
+    pub(crate) async fn answer_pre_vote(&self, request: &PreVoteRequest) -> PreVoteReply {
+        let lease = lease(&self.inner.timing);
+        let refused = match self.standing().await {
+            None => Some("Raft has stopped on this branch"),
+            Some(standing) => refusal(&standing, request.last_log_id.as_ref(), Instant::now(), lease),
+        };
+        tracing::debug!(
+            branch = self.inner.id,
+            candidate = request.candidate,
+            refused = refused.unwrap_or("no"),
+            "pre-vote"
+        );
+        PreVoteReply {
+            refused: refused.map(String::from),
+        }
+    }
+
+    /// Asks `target` whether it would vote for this branch. An older release without the call
+    /// counts as yes: it leaves the decision to the real vote, as before.
+    async fn ask_pre_vote(&self, target: NodeId, request: &PreVoteRequest, timeout: Duration) -> Result<bool, String> {
+        let mut client = super::peer_client(&self.inner.raft, &self.inner.peers, target)?;
+        let data = codec::encode(request).map_err(|e| e.to_string())?;
+        let call = crate::transport::call(timeout, tonic::Request::new(RaftPayload { data }), |r| {
+            client.pre_vote(r)
+        });
+        match call.await {
+            Ok(reply) => {
+                let reply: PreVoteReply = codec::decode(&reply.into_inner().data).map_err(|e| e.to_string())?;
+                Ok(reply.refused.is_none())
+            }
+            Err(status) if status.code() == tonic::Code::Unimplemented => Ok(true),
+            Err(status) => Err(status.message().to_string()),
+        }
+    }
+
+    /// One pre-vote round: true if a majority of every configuration would vote for this branch.
+    async fn pre_vote(&self, standing: &Standing, timeout: Duration) -> bool {
+        let me = self.inner.id;
+        let request = PreVoteRequest {
+            candidate: me,
+            last_log_id: standing.last_log_id,
+        };
+        let others: BTreeSet<NodeId> = standing
+            .configs
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|id| *id != me)
+            .collect();
+        let answers = futures::future::join_all(others.iter().map(|&target| {
+            let request = &request;
+            async move { (target, self.ask_pre_vote(target, request, timeout).await) }
+        }))
+        .await;
+        let mut granted = BTreeSet::from([me]);
+        for (target, answer) in answers {
+            match answer {
+                Ok(true) => {
+                    granted.insert(target);
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(branch = me, peer = target, error = %e, "pre-vote unanswered"),
+            }
+        }
+        quorum(&standing.configs, &granted)
+    }
+}
+
+/// The leader lease of openraft's vote handler: `election_timeout_max`.
+fn lease(timing: &RaftTiming) -> Duration {
+    Duration::from_millis(timing.election_timeout_max_ms)
+}
+
+/// A random election timeout in [min, max), drawn anew for every attempt (openraft draws one per
+/// process, so two voters that once split a vote would keep colliding).
+fn random_timeout(timing: &RaftTiming) -> Duration {
+    use std::hash::BuildHasher as _;
+    let (min, max) = (timing.election_timeout_min_ms, timing.election_timeout_max_ms);
+    // Each RandomState has fresh random keys: enough randomness for a timer's jitter.
+    let jitter = std::collections::hash_map::RandomState::new().hash_one(min) % max.saturating_sub(min).max(1);
+    Duration::from_millis(min + jitter)
+}
+
+/// A voter's election timer (every branch runs it; it acts only while the branch votes): when
+/// an election is due ([`election_due`]) and a pre-vote round finds a majority, it triggers
+/// openraft's election; either way the next attempt waits for a new random timeout.
+pub(super) async fn campaign(branch: Branch, timing: RaftTiming, stop: CancellationToken) {
+    let lease = lease(&timing);
+    // Often enough that an election starts within a fraction of the timeout of being due.
+    let tick = Duration::from_millis((timing.heartbeat_ms / 2).max(10));
+    let metrics = branch.raft().metrics();
+    let mut timeout = random_timeout(&timing);
+    let mut not_before = Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        // Cheap checks first: learners (most branches) and the leader never go further.
+        {
+            let m = metrics.borrow();
+            if m.state == ServerState::Leader
+                || !m.membership_config.membership().voter_ids().any(|id| id == branch.id())
+            {
+                continue;
+            }
+        }
+        let now = Instant::now();
+        if now < not_before {
+            continue;
+        }
+        let Some(standing) = branch.standing().await else {
+            return;
+        };
+        if !election_due(&standing, now, lease, timeout) {
+            continue;
+        }
+        let elect = branch.pre_vote(&standing, timeout).await;
+        crate::metrics::record_pre_vote(branch.id(), elect);
+        if elect {
+            tracing::info!(branch = branch.id(), "pre-vote won: starting an election");
+            if branch.raft().trigger().elect().await.is_err() {
+                return;
+            }
+        } else {
+            tracing::info!(
+                branch = branch.id(),
+                "no leader heard from, but no majority would elect this branch: not campaigning"
+            );
+        }
+        timeout = random_timeout(&timing);
+        not_before = Instant::now() + timeout;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    const LEASE: Duration = Duration::from_millis(2000);
+    const TIMEOUT: Duration = Duration::from_millis(1500);
+
+    fn log(term: u64, index: u64) -> Option<LogId<NodeId>> {
+        Some(LogId::new(CommittedLeaderId::new(term, 1), index))
+    }
+
+    fn follower(updated: Instant) -> Standing {
+        Standing {
+            leads: false,
+            votes: true,
+            vote_committed: true,
+            vote_updated: Some(updated),
+            last_log_id: log(2, 10),
+            configs: vec![vec![1, 2, 3]],
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_that_hears_its_leader_refuses() {
+        let now = Instant::now();
+        let standing = follower(now);
+        assert!(refusal(&standing, log(2, 10).as_ref(), now + LEASE, LEASE).is_some());
+        assert_eq!(
+            refusal(
+                &standing,
+                log(2, 10).as_ref(),
+                now + LEASE + Duration::from_millis(1),
+                LEASE
+            ),
+            None
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_always_refuses() {
+        let now = Instant::now();
+        let standing = Standing {
+            leads: true,
+            ..follower(now)
+        };
+        assert_eq!(
+            refusal(&standing, log(9, 99).as_ref(), now + LEASE * 10, LEASE),
+            Some("this branch leads")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_candidate_with_a_shorter_or_older_log_is_refused() {
+        let later = Instant::now() + LEASE * 2;
+        let standing = follower(Instant::now());
+        for behind in [log(2, 9), log(1, 50), None] {
+            assert!(
+                refusal(&standing, behind.as_ref(), later, LEASE).is_some(),
+                "{behind:?}"
+            );
+        }
+        for ahead in [log(2, 10), log(2, 11), log(3, 1)] {
+            assert_eq!(refusal(&standing, ahead.as_ref(), later, LEASE), None, "{ahead:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_uncommitted_vote_grants_regardless_of_time() {
+        let now = Instant::now();
+        let standing = Standing {
+            vote_committed: false,
+            ..follower(now)
+        };
+        assert_eq!(refusal(&standing, log(2, 10).as_ref(), now, LEASE), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_election_is_due_after_the_lease_and_the_timeout() {
+        let now = Instant::now();
+        let standing = follower(now);
+        assert!(!election_due(
+            &standing,
+            now + LEASE + TIMEOUT - Duration::from_millis(1),
+            LEASE,
+            TIMEOUT
+        ));
+        assert!(election_due(&standing, now + LEASE + TIMEOUT, LEASE, TIMEOUT));
+        // A candidate whose election failed (its vote is not committed) tries again after the
+        // timeout alone; leaders and non-voters never.
+        let candidate = Standing {
+            vote_committed: false,
+            ..follower(now)
+        };
+        assert!(election_due(&candidate, now + TIMEOUT, LEASE, TIMEOUT));
+        let leader = Standing {
+            leads: true,
+            ..follower(now)
+        };
+        let learner = Standing {
+            votes: false,
+            ..follower(now)
+        };
+        for standing in [leader, learner] {
+            assert!(!election_due(&standing, now + LEASE * 10, LEASE, TIMEOUT));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_only_voter_campaigns_at_once() {
+        let now = Instant::now();
+        let alone = Standing {
+            configs: vec![vec![1]],
+            ..follower(now)
+        };
+        assert!(election_due(&alone, now, LEASE, TIMEOUT));
+    }
+
+    #[test]
+    fn a_quorum_needs_a_majority_of_every_configuration() {
+        let granted = |ids: &[NodeId]| ids.iter().copied().collect::<BTreeSet<_>>();
+        let one = vec![vec![1, 2, 3]];
+        assert!(!quorum(&one, &granted(&[1])));
+        assert!(quorum(&one, &granted(&[1, 3])));
+        let five = vec![vec![1, 2, 3, 4, 5]];
+        assert!(!quorum(&five, &granted(&[1, 2])));
+        assert!(quorum(&five, &granted(&[1, 2, 5])));
+        let joint = vec![vec![1, 2, 3], vec![3, 4, 5]];
+        assert!(!quorum(&joint, &granted(&[1, 2, 3])));
+        assert!(quorum(&joint, &granted(&[1, 3, 4])));
+        assert!(!quorum(&[], &granted(&[1])));
+    }
+}
