@@ -459,11 +459,14 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         self.call(Rpc::InstallSnapshot, &rpc, &option).await
     }
 
-    /// After an unreachable peer: 50 ms, doubling to at most 2 s. Each retry reconnects, and so
-    /// resolves the peer's DNS name again (a restarted pod comes back with a new IP).
+    /// After an unreachable peer: 50 ms, doubling to at most 500 ms. Each retry reconnects, and
+    /// so resolves the peer's DNS name again (a restarted pod comes back with a new IP). The cap
+    /// is how long a peer that is back may wait for the leader to notice (a restarted branch
+    /// is not SERVING before it does), and a retry to a peer that is still down costs one
+    /// refused or timed-out connect.
     fn backoff(&self) -> Backoff {
         Backoff::new(
-            (0..).map(|attempt: u32| Duration::from_millis(50u64 << attempt.min(6)).min(Duration::from_secs(2))),
+            (0..).map(|attempt: u32| Duration::from_millis(50u64 << attempt.min(4)).min(Duration::from_millis(500))),
         )
     }
 
