@@ -200,7 +200,8 @@ fn lease(timing: &RaftTiming) -> Duration {
 fn random_timeout(timing: &RaftTiming) -> Duration {
     use std::hash::BuildHasher as _;
     let (min, max) = (timing.election_timeout_min_ms, timing.election_timeout_max_ms);
-    // Each RandomState has fresh random keys: enough randomness for a timer's jitter.
+    // std keys each thread's RandomStates randomly and every new one differently: enough
+    // randomness for a timer's jitter, without a dependency.
     let jitter = std::collections::hash_map::RandomState::new().hash_one(min) % max.saturating_sub(min).max(1);
     Duration::from_millis(min + jitter)
 }
