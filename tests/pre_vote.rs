@@ -2,9 +2,10 @@
 //!
 //! Three `distbank branch` processes talk through per-link proxies; one follower is isolated
 //! until it has found, twice, that no majority would elect it (its `distbank_pre_votes_total`
-//! counter: without pre-vote it would have started elections with ever higher terms), then the
-//! network heals. The leader must still lead in the same term, and the healed follower answers
-//! reads and writes again.
+//! counter: without pre-vote it would have started elections with ever higher terms) and its
+//! readiness says NOT_SERVING (it still knows who leads, but cannot reach it), then the network
+//! heals. The leader must still lead in the same term, and the healed follower is SERVING and
+//! answers writes and reads again.
 
 mod support;
 
@@ -17,9 +18,29 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use processes::{free_ports, wait_leader, wait_serving};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 const BRANCHES: u64 = 3;
 const WAIT: Duration = Duration::from_secs(60);
+
+/// Whether the branch at `url` reports readiness SERVING.
+async fn ready(url: String) -> bool {
+    let Ok(channel) = tonic::transport::Endpoint::from_shared(url)
+        .expect("url")
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    let mut health = HealthClient::new(channel);
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: "readiness".into(),
+    });
+    request.set_timeout(Duration::from_secs(2));
+    matches!(health.check(request).await, Ok(reply) if reply.get_ref().status == ServingStatus::Serving as i32)
+}
 
 /// The value of `series` (name with labels, as exposed) on the branch whose metrics listen at
 /// `port`.
@@ -63,8 +84,15 @@ async fn an_isolated_follower_rejoins_without_deposing_the_leader() {
         async move { metric(metrics_port(follower), lost).await >= 2.0 }
     })
     .await;
+    let url = branches[follower as usize - 1].customer_url();
+    support::eventually(WAIT, "the isolated follower's readiness NOT_SERVING", || {
+        let url = url.clone();
+        async move { !ready(url).await }
+    })
+    .await;
     let isolation = isolated.elapsed();
     network.heal();
+    wait_serving(&[&branches[follower as usize - 1]], WAIT).await;
 
     // The healed follower serves again: a write through it, then a read on it.
     let clients = processes::clients_for(&branches);
@@ -92,7 +120,7 @@ async fn an_isolated_follower_rejoins_without_deposing_the_leader() {
     }
     assert_eq!(metric(metrics_port(follower), lost.replace("lost", "won")).await, 0.0);
     println!(
-        "branch {follower} isolated for {:.1} s (2 pre-vote rounds lost), served again {:.0} ms after the heal; \
+        "branch {follower} isolated for {:.1} s (2 pre-vote rounds lost, NOT_SERVING), served again {:.0} ms after the heal; \
          leader {leader} kept term {term_before}",
         isolation.as_secs_f64(),
         healed.elapsed().as_secs_f64() * 1e3

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Branch;
 use crate::proto::peer::RaftPayload;
-use crate::replication::{NodeId, RaftTiming, codec};
+use crate::replication::{NodeId, RaftTiming, codec, random_below};
 
 /// "Would you vote for me?", sent to every other voter before an election.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -121,6 +121,20 @@ impl Branch {
             .ok()
     }
 
+    /// Whether this branch is in touch with a leader: it leads and a quorum acknowledged it
+    /// within the leader lease, or it heard from its leader within the lease. A branch cut off
+    /// from the leader still knows who leads (with pre-vote it starts no election, which would
+    /// forget the leader) but cannot answer its customers: readiness asks this.
+    pub(crate) async fn in_touch_with_leader(&self) -> bool {
+        let lease = lease(&self.inner.timing);
+        let quorum_ack = self.inner.raft.metrics().borrow().millis_since_quorum_ack;
+        match self.standing().await {
+            None => false,
+            Some(standing) if standing.leads => quorum_ack.is_none_or(|ms| Duration::from_millis(ms) <= lease),
+            Some(standing) => standing.vote_updated.is_some_and(|heard| heard.elapsed() <= lease),
+        }
+    }
+
     /// The peer service's `PreVote`: whether this branch would vote for the candidate now.
     pub(crate) async fn answer_pre_vote(&self, request: &PreVoteRequest) -> PreVoteReply {
         let lease = lease(&self.inner.timing);
@@ -198,12 +212,8 @@ fn lease(timing: &RaftTiming) -> Duration {
 /// A random election timeout in [min, max), drawn anew for every attempt (openraft draws one per
 /// process, so two voters that once split a vote would keep colliding).
 fn random_timeout(timing: &RaftTiming) -> Duration {
-    use std::hash::BuildHasher as _;
     let (min, max) = (timing.election_timeout_min_ms, timing.election_timeout_max_ms);
-    // std keys each thread's RandomStates randomly and every new one differently: enough
-    // randomness for a timer's jitter, without a dependency.
-    let jitter = std::collections::hash_map::RandomState::new().hash_one(min) % max.saturating_sub(min).max(1);
-    Duration::from_millis(min + jitter)
+    Duration::from_millis(min + random_below(max.saturating_sub(min)))
 }
 
 /// A voter's election timer (every branch runs it; it acts only while the branch votes): when

@@ -35,7 +35,9 @@ pub(super) async fn set_readiness(
 
 /// Readiness: SERVING once a linearizable read succeeds here (the branch knows the leader, is
 /// a member, and has caught up with everything committed before the check); NOT_SERVING again
-/// while it knows no leader (an election, or cut off from the quorum), until a read succeeds.
+/// while it knows no leader (an election) or has lost touch with it (cut off from the leader,
+/// or a leader cut off from its quorum, for longer than the leader lease), until a read
+/// succeeds.
 pub(super) async fn await_readiness(
     branch: Branch,
     health: tonic_health::server::HealthReporter,
@@ -66,7 +68,7 @@ pub(super) async fn await_readiness(
                 _ = stop.cancelled() => return,
                 _ = poll.tick() => {}
             }
-            if metrics.borrow().current_leader.is_none() {
+            if metrics.borrow().current_leader.is_none() || !branch.in_touch_with_leader().await {
                 break;
             }
         }
@@ -74,7 +76,7 @@ pub(super) async fn await_readiness(
         let _ = ready.send(false);
         tracing::info!(
             branch = branch.id(),
-            "no known leader: readiness NOT_SERVING until caught up"
+            "no leader known or heard from: readiness NOT_SERVING until caught up"
         );
     }
 }

@@ -55,6 +55,14 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
+/// A random number below `bound` (0 when `bound` is 0), for timers' jitter: std keys each
+/// thread's `RandomState`s randomly and every new one differently, which is random enough to
+/// spread timers without a dependency.
+pub fn random_below(bound: u64) -> u64 {
+    use std::hash::BuildHasher as _;
+    std::collections::hash_map::RandomState::new().hash_one(bound) % bound.max(1)
+}
+
 /// A member's id: the branch id.
 pub type NodeId = u64;
 pub type Raft = openraft::Raft<TypeConfig>;
