@@ -1,5 +1,6 @@
-//! The peer-only API: Raft's messages (opaque bincode payloads) and the two branch-level
-//! calls a non-leader needs from the leader, `Submit` and `ReadIndex`.
+//! The peer-only API: Raft's messages (opaque bincode payloads), the pre-vote a voter asks
+//! before it campaigns (`PreVote`, bincode too), and the two branch-level calls a non-leader
+//! needs from the leader, `Submit` and `ReadIndex`.
 
 use std::pin::Pin;
 
