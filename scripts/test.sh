@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's one test command (README quick start, and what .ci/run runs):
-# formatting, lints, every test (unit, integration, Python interop), a real-Jaeger tracing
+# formatting, lints, API docs, every test (unit, integration, Python interop), a real-Jaeger tracing
 # check, a benchmark smoke run, the Helm chart / manifest checks, and the end-to-end test against
 # a real API server. Installs what the tests need on first use (a Python virtualenv with
 # grpcio-tools; Jaeger built with Go via scripts/jaeger-e2e.sh; helm, kubectl and validators via
@@ -26,6 +26,8 @@ step "cargo fmt --check"
 cargo fmt --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
+step "cargo doc (broken intra-doc links fail)"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
 step "cargo test"
 cargo test --locked
 step "tracing end to end with a real Jaeger v2 (builds it once with Go; skipped without Go)"

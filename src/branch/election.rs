@@ -128,10 +128,17 @@ impl Branch {
     pub(crate) async fn in_touch_with_leader(&self) -> bool {
         let lease = lease(&self.inner.timing);
         let quorum_ack = self.inner.raft.metrics().borrow().millis_since_quorum_ack;
-        match self.standing().await {
-            None => false,
-            Some(standing) if standing.leads => quorum_ack.is_none_or(|ms| Duration::from_millis(ms) <= lease),
-            Some(standing) => standing.vote_updated.is_some_and(|heard| heard.elapsed() <= lease),
+        // Only the two fields readiness needs: it asks every 250 ms on every branch, and
+        // `standing` would also read the log and copy the voter sets.
+        let state = self
+            .inner
+            .raft
+            .with_raft_state(|state| (state.server_state == ServerState::Leader, state.vote_last_modified()))
+            .await;
+        match state {
+            Err(_) => false,
+            Ok((true, _)) => quorum_ack.is_none_or(|ms| Duration::from_millis(ms) <= lease),
+            Ok((false, heard)) => heard.is_some_and(|heard| heard.elapsed() <= lease),
         }
     }
 

@@ -8,10 +8,10 @@
 //!   applied that index, then reads locally. A query's answer is recorded under its event id
 //!   on the branch that gave it, so a retried or re-run query gets the same answer.
 //!
-//! Around them: [`server`] runs a branch (its two gRPC listeners, start-up, shutdown),
-//! [`membership`] forms the cluster (voters, then every other branch as a non-voting replica),
-//! [`election`] decides when a voter campaigns (pre-vote),
-//! [`readiness`] is what its health service reports.
+//! Around them, in private modules: `server` runs a branch (its two gRPC listeners, start-up, shutdown),
+//! `membership` forms the cluster (voters, then every other branch as a non-voting replica),
+//! `election` decides when a voter campaigns (pre-vote),
+//! `readiness` is what its health service reports.
 
 mod election;
 pub use election::{PreVoteReply, PreVoteRequest};

@@ -192,7 +192,8 @@ pub(crate) struct ConsensusArgs {
     pub(crate) heartbeat_ms: u64,
     /// Raft election timeout T in ms: a follower that hears nothing from the leader for 2T
     /// (openraft's leader lease, during which it also refuses to vote) plus a random time in
-    /// [T, 2T) starts an election, so a dead leader is replaced after 3T to 4T.
+    /// [T, 2T) asks the other voters whether they would vote for it (pre-vote) and, with a
+    /// majority, starts an election, so a dead leader is replaced after 3T to 4T.
     #[arg(long, env = "DISTBANK_ELECTION_TIMEOUT_MS", default_value_t = RaftTiming::default().election_timeout_min_ms)]
     pub(crate) election_timeout_ms: u64,
     /// How the leader confirms it still leads before answering a linearizable read: `lease`
