@@ -14,6 +14,9 @@
 //! - `distbank_pre_votes_total{branch,result}`: pre-vote rounds a voter ran because it heard
 //!   from no leader: `won` (it then started an election) or `lost` (a majority still hears the
 //!   leader or has a newer log: this branch is likely cut off);
+//! - `distbank_tls_reloads_total{branch,tls,result}`: TLS directories re-read after their files
+//!   changed (`tls="peer"|"customer"`): `reloaded`, or `failed` (the files on disk cannot be
+//!   used; the certificates in use stay, and will expire);
 //! - `distbank_ready{branch}`: the readiness health status.
 //!
 //! Without `--metrics-listen` nothing is recorded ([`enabled`] is false).
@@ -73,6 +76,13 @@ struct PreVoteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsReloadLabels {
+    branch: u64,
+    tls: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabels {
     branch: u64,
     peer: u64,
@@ -85,6 +95,7 @@ struct Metrics {
     batch_size: Family<BatchLabels, Histogram, fn() -> Histogram>,
     read_indexes: Family<ReadIndexLabels, Counter>,
     pre_votes: Family<PreVoteLabels, Counter>,
+    tls_reloads: Family<TlsReloadLabels, Counter>,
     peer_up: Family<PeerLabels, Gauge>,
     ready: Family<BranchLabels, Gauge>,
     term: Family<BranchLabels, Gauge>,
@@ -143,6 +154,12 @@ impl Metrics {
             "Pre-vote rounds of a voter that heard from no leader: won (an election follows) or lost",
             pre_votes.clone(),
         );
+        let tls_reloads = Family::default();
+        registry.register(
+            "tls_reloads",
+            "TLS directories re-read after their files changed: reloaded, or failed (the certificates in use stay)",
+            tls_reloads.clone(),
+        );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
             let family = Family::<BranchLabels, Gauge>::default();
             registry.register(name, help, family.clone());
@@ -181,6 +198,7 @@ impl Metrics {
             batch_size,
             read_indexes,
             pre_votes,
+            tls_reloads,
             peer_up,
             ready,
             term,
@@ -279,6 +297,16 @@ pub fn record_pre_vote(branch: NodeId, won: bool) {
     if let Some(m) = metrics() {
         let result = if won { "won" } else { "lost" };
         m.pre_votes.get_or_create(&PreVoteLabels { branch, result }).inc();
+    }
+}
+
+/// Counts one re-read of a changed TLS directory of `branch` (`tls`: peer or customer).
+pub fn record_tls_reload(branch: NodeId, tls: &'static str, reloaded: bool) {
+    if let Some(m) = metrics() {
+        let result = if reloaded { "reloaded" } else { "failed" };
+        m.tls_reloads
+            .get_or_create(&TlsReloadLabels { branch, tls, result })
+            .inc();
     }
 }
 

@@ -64,6 +64,29 @@ fn secret_dir(parent: &Path, name: &str, pki: &Pki) -> PathBuf {
     dir
 }
 
+/// A branch's TLS flags: one Secret directory for both sides, the directory re-read every
+/// second (`renewed_certificates_are_used_without_a_restart`), plaintext health for probes.
+fn tls_args(secrets: &Path, health_port: u16) -> Vec<String> {
+    vec![
+        "--peer-tls-dir".into(),
+        secrets.display().to_string(),
+        "--customer-tls-dir".into(),
+        secrets.display().to_string(),
+        "--tls-reload-secs".into(),
+        "1".into(),
+        "--health-listen".into(),
+        format!("127.0.0.1:{health_port}"),
+    ]
+}
+
+/// Replaces `file` in `dir` the way the kubelet updates a mounted Secret: the new content
+/// appears whole (rename), one file after another.
+fn replace(dir: &Path, file: &str, content: &str) {
+    let staged = dir.join(format!(".{file}.new"));
+    std::fs::write(&staged, content).expect("write");
+    std::fs::rename(&staged, dir.join(file)).expect("rename");
+}
+
 struct TlsCluster {
     branches: Vec<BranchProcess>,
     peer_ports: Vec<u16>,
@@ -91,14 +114,7 @@ fn start_tls_cluster(dir: &Path, input: &Path, pki: &Pki) -> TlsCluster {
                 peers: peers.clone(),
                 data_dir: dir.join(format!("data-{id}")),
                 log: dir.join(format!("branch-{id}.log")),
-                args: vec![
-                    "--peer-tls-dir".into(),
-                    secrets.display().to_string(),
-                    "--customer-tls-dir".into(),
-                    secrets.display().to_string(),
-                    "--health-listen".into(),
-                    format!("127.0.0.1:{}", health_ports[i]),
-                ],
+                args: tls_args(&secrets, health_ports[i]),
             })
         })
         .collect();
@@ -149,6 +165,10 @@ impl TlsCluster {
         )
         .expect("clients")
     }
+}
+
+async fn deposit(client: &mut BankClient<tonic::transport::Channel>, amount: i32) -> Result<String, tonic::Status> {
+    Ok(support::call(client, None, "deposit", amount).await?.status)
 }
 
 async fn query(client: &mut BankClient<tonic::transport::Channel>) -> Result<i32, tonic::Status> {
@@ -305,6 +325,64 @@ async fn clients_without_the_right_certificate_are_refused_and_change_nothing() 
         let mut client = clients.bank_client(id).expect("client");
         assert_eq!(query(&mut client).await.expect("query"), 401, "branch {id}");
     }
+}
+
+/// cert-manager renews a certificate by rewriting its Secret; the branches must use the new one
+/// without a restart, or they fail once the old one expires. Here the renewal also moves to a
+/// new CA, the harder case: the directory first trusts both CAs, and then a branch restarted
+/// with a Secret that trusts only the new CA must still rejoin, which it can only if its
+/// peers present their renewed certificates when they connect to it (their client side), and
+/// on their listeners (their server side).
+#[tokio::test]
+async fn renewed_certificates_are_used_without_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old = new_pki("old");
+    let new = new_pki("new");
+    let input_path = processes::write_input(dir.path(), 3, 400);
+    let mut cluster = start_tls_cluster(dir.path(), &input_path, &old);
+    cluster.wait_serving().await;
+    let mut before = cluster.customer_clients(&old.ca_pem).bank_client(1).expect("client");
+    assert_eq!(deposit(&mut before, 10).await.expect("deposit"), "success");
+
+    // The Secret is renewed: a certificate from the new CA, and a CA bundle trusting both.
+    let secrets = dir.path().join("tls");
+    replace(&secrets, "ca.crt", &format!("{}{}", old.ca_pem, new.ca_pem));
+    replace(&secrets, "tls.crt", &new.cert_pem);
+    replace(&secrets, "tls.key", &new.key_pem);
+
+    // Customers who trust only the new CA reach every branch: the customer listeners present
+    // the renewed certificate (and the connection opened before the renewal still works).
+    for id in 1..=3 {
+        support::eventually(WAIT, &format!("branch {id} presents the renewed certificate"), || {
+            let clients = cluster.customer_clients(&new.ca_pem);
+            async move {
+                let mut client = clients.bank_client(id).expect("client");
+                query(&mut client).await.ok() == Some(410)
+            }
+        })
+        .await;
+    }
+    assert_eq!(query(&mut before).await.expect("the old connection"), 410);
+
+    // Branch 3 restarts with a Secret that trusts only the new CA.
+    let only_new = secret_dir(dir.path(), "tls-new", &new);
+    let health_port = cluster.health_ports[2];
+    cluster.branches[2].spec.args = tls_args(&only_new, health_port);
+    cluster.branches[2].restart();
+    cluster.wait_serving().await;
+    let clients = cluster.customer_clients(&new.ca_pem);
+    let mut third = clients.bank_client(3).expect("client");
+    assert_eq!(deposit(&mut third, 5).await.expect("deposit at branch 3"), "success");
+    for id in 1..=3 {
+        let mut client = clients.bank_client(id).expect("client");
+        assert_eq!(query(&mut client).await.expect("query"), 415, "branch {id}");
+    }
+    assert!(
+        cluster.branches[0]
+            .log_text()
+            .contains("TLS certificates changed on disk"),
+        "the reload is not logged"
+    );
 }
 
 #[test]

@@ -31,7 +31,6 @@ use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::time::Instant;
-use tonic::transport::ServerTlsConfig;
 use tracing::Instrument as _;
 
 use crate::account::{Command, IDEMPOTENCY_WINDOW, Operation, Outcome, RecentTable};
@@ -43,7 +42,7 @@ use crate::replication::disk::StoreError;
 use crate::replication::network::PeerChannels;
 use crate::replication::store::{LogStore, StateMachine};
 use crate::replication::{NodeId, Proposal, Proposed, Raft, RaftTiming};
-use crate::transport::{PeerTls, TlsError};
+use crate::transport::{CertDir, TlsError};
 use crate::{metrics, telemetry, transport};
 
 /// Customer requests one connection may have in flight; more are refused with
@@ -76,9 +75,12 @@ pub struct BranchConfig {
 #[derive(Debug, Clone, Default)]
 pub struct BranchTls {
     /// Mutual TLS on the peer API and on this branch's calls to peers.
-    pub peer: Option<PeerTls>,
+    pub peer: Option<Arc<CertDir>>,
     /// Server TLS on the customer API (health included; see [`start_with_health`]).
-    pub customer: Option<ServerTlsConfig>,
+    pub customer: Option<Arc<CertDir>>,
+    /// How often the directories are re-read for renewed certificates (zero: never;
+    /// `distbank branch` uses [`crate::transport::RELOAD_INTERVAL`]).
+    pub reload_every: Duration,
 }
 
 impl BranchConfig {

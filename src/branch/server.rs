@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
 use tonic::transport::server::{Router, TcpIncoming};
-use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
@@ -25,7 +25,7 @@ use crate::replication::store::Storage;
 use crate::replication::{Raft, raft_config};
 use crate::service::bank::BankService;
 use crate::service::peer::PeerService;
-use crate::transport::TlsError;
+use crate::transport::Incoming;
 
 /// A started branch: its handle, its addresses, and the tasks serving it.
 pub struct RunningBranch {
@@ -113,7 +113,7 @@ pub async fn start_with_health(
         config.id,
         Duration::from_secs(2),
         config.members.clone(),
-        config.tls.peer.as_ref().map(|tls| tls.client.clone()),
+        config.tls.peer.clone(),
     );
     // Learners get entries with their commit attached (one message per write instead of two)
     // only when the log lives in memory: with a data directory a learner fsyncs what it
@@ -134,9 +134,6 @@ pub async fn start_with_health(
     .map_err(|e| BranchError::Start(e.to_string()))?;
     let branch = Branch::new(&config, raft, state, log, peers);
 
-    // TLS settings are checked before anything starts, so a bad certificate is a start error.
-    let customer_builder = server_builder(config.tls.customer.as_ref(), "customer API")?;
-    let peer_builder = server_builder(config.tls.peer.as_ref().map(|tls| &tls.server), "peer API")?;
     let (health, health_service) = tonic_health::server::health_reporter();
     // Liveness: the process serves gRPC. Readiness ("", "readiness", and the Bank service):
     // the branch can answer linearizably; not before it has caught up.
@@ -149,8 +146,8 @@ pub async fn start_with_health(
         config,
         branch.clone(),
         Listeners {
-            customer: (customer, customer_builder),
-            peer: (peer, peer_builder),
+            customer,
+            peer,
             health: health_listener,
         },
         health,
@@ -178,23 +175,11 @@ pub async fn run(
     start(config, customer, peer, shutdown).await?.join().await
 }
 
-/// A branch's listeners, each with its server builder (TLS already applied).
+/// A branch's listeners.
 struct Listeners {
-    customer: (TcpListener, Server),
-    peer: (TcpListener, Server),
+    customer: TcpListener,
+    peer: TcpListener,
     health: Option<TcpListener>,
-}
-
-/// A server builder, with `tls` when given; a certificate or key that does not parse fails here.
-fn server_builder(tls: Option<&ServerTlsConfig>, what: &'static str) -> Result<Server, TlsError> {
-    let builder = Server::builder();
-    match tls {
-        None => Ok(builder),
-        Some(tls) => builder.tls_config(tls.clone()).map_err(|source| TlsError::Config {
-            what: format!("{what} server TLS"),
-            source,
-        }),
-    }
 }
 
 /// The customer listener's services, health beside the customer API, with the limits every
@@ -224,27 +209,34 @@ async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), BranchError> {
     let Listeners {
-        customer: (customer, customer_builder),
-        peer: (peer, mut peer_builder),
+        customer,
+        peer,
         health: health_listener,
     } = listeners;
     // Accepted sockets need nodelay explicitly: serve_with_incoming ignores the builder's
-    // setting, and Nagle's algorithm adds ~40 ms to small replies.
-    let customer_incoming = TcpIncoming::from(customer).with_nodelay(Some(true));
-    let peer_incoming = TcpIncoming::from(peer).with_nodelay(Some(true));
+    // setting, and Nagle's algorithm adds ~40 ms to small replies. TLS, when configured, is
+    // done by `Incoming` with the certificates current at each handshake (transport::tls).
+    let customer_incoming = Incoming::new(
+        TcpIncoming::from(customer).with_nodelay(Some(true)),
+        config.tls.customer.clone(),
+    );
+    let peer_incoming = Incoming::new(
+        TcpIncoming::from(peer).with_nodelay(Some(true)),
+        config.tls.peer.clone(),
+    );
 
     let customer_stop = CancellationToken::new();
     let peer_stop = CancellationToken::new();
     let customer_server = tokio::spawn(
         customer_router(
-            customer_builder,
+            Server::builder(),
             health_service.clone(),
             BankService::new(branch.clone()),
         )
         .serve_with_incoming_shutdown(customer_incoming, customer_stop.clone().cancelled_owned()),
     );
     let peer_server = tokio::spawn(
-        peer_builder
+        Server::builder()
             .add_service(
                 PeerServer::new(PeerService::new(branch.clone(), peer_stop.clone()))
                     .max_decoding_message_size(MAX_PEER_MESSAGE)
@@ -274,6 +266,16 @@ async fn serve(
         ready,
         background.clone(),
     ));
+    // Renewed certificates are picked up while the branch runs (transport::tls).
+    let tls_tasks: Vec<_> = [("peer", &config.tls.peer), ("customer", &config.tls.customer)]
+        .into_iter()
+        .filter_map(|(what, dir)| {
+            let follow = dir
+                .clone()?
+                .follow(config.id, what, config.tls.reload_every, background.clone());
+            Some(tokio::spawn(follow))
+        })
+        .collect();
 
     // Stop when asked, or when Raft itself stopped (a storage write or sync failed: openraft
     // stops rather than go on with state it may not have persisted). A branch whose Raft is
@@ -298,6 +300,9 @@ async fn serve(
     set_readiness(config.id, &health, ServingStatus::NotServing).await;
     background.cancel();
     let _ = membership_task.await;
+    for task in tls_tasks {
+        let _ = task.await;
+    }
     let _ = readiness_task.await;
     let _ = election_task.await;
     // Drain customers first (their requests need consensus), then stop Raft, then peers.

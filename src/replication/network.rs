@@ -6,7 +6,8 @@
 //! waiting on get them in batches ([`super::demand`]).
 //!
 //! Channels resolve the peer's address again on every reconnect, so a restarted peer with a
-//! new IP behind the same DNS name is found without help.
+//! new IP behind the same DNS name is found without help. With peer TLS, a channel made before
+//! the certificates changed on disk is replaced on its next use ([`crate::transport::CertDir`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -23,7 +24,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 
 use super::demand::{self, Demand, Wanted};
 use super::lease::LeaseClock;
@@ -32,7 +33,7 @@ use super::store::StateMachine;
 use super::{NodeId, TypeConfig, codec};
 use crate::proto::peer::RaftPayload;
 use crate::proto::peer::peer_client::PeerClient;
-use crate::transport::{self, TlsError};
+use crate::transport::{self, CertDir, TlsError};
 
 /// Largest message accepted from a peer (snapshots are sent in chunks well below this).
 pub const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
@@ -50,20 +51,29 @@ const SPARE_STREAMS_PER_PEER: usize = 4;
 /// itself and, under a mix of reads and writes, about a fifth of all CPU.
 type SpareStreams = Arc<Mutex<HashMap<NodeId, Vec<(String, AppendStream)>>>>;
 
+/// A peer's channel, with the address and the TLS generation
+/// ([`CertDir::client_config`]) it was made for.
+#[derive(Debug, Clone)]
+struct CachedChannel {
+    address: String,
+    tls_generation: u64,
+    channel: Channel,
+}
+
 /// Cached channels to peers, keyed by node id and address. Shared by Raft's network and by
 /// the branch (forwarding writes, read-index requests).
 #[derive(Debug, Clone, Default)]
 pub struct PeerChannels {
     /// The branch these channels belong to (for its peer metrics).
     owner: NodeId,
-    channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
+    channels: Arc<Mutex<HashMap<NodeId, CachedChannel>>>,
     /// This branch's own configured peer addresses. They win over the address recorded in the
     /// replicated membership, which was written by whichever branch added the member and, with
     /// a data directory, outlives configuration changes (a renamed Service, a new port).
     configured: Arc<BTreeMap<NodeId, String>>,
     connect_timeout: Duration,
     /// Mutual TLS towards peers, when configured.
-    tls: Option<ClientTlsConfig>,
+    tls: Option<Arc<CertDir>>,
     /// This branch's replica, for telling learners apart and, with logs in memory, sending
     /// them their entries with the commit attached.
     piggyback: Option<Piggyback>,
@@ -81,7 +91,7 @@ impl PeerChannels {
         owner: NodeId,
         connect_timeout: Duration,
         configured: BTreeMap<NodeId, String>,
-        tls: Option<ClientTlsConfig>,
+        tls: Option<Arc<CertDir>>,
     ) -> PeerChannels {
         PeerChannels {
             owner,
@@ -129,15 +139,24 @@ impl PeerChannels {
     }
 
     /// The peer client for `target`: at its configured address if it has one, else at `addr`
-    /// (host:port) from the membership; the channel is created on first use.
+    /// (host:port) from the membership; the channel is created on first use, and again after
+    /// the TLS certificates changed (its connections keep their old session until they end).
     pub fn client(&self, target: NodeId, addr: &str) -> Result<PeerClient<Channel>, TlsError> {
         let addr = self.address(target, addr);
+        let tls = self.tls.as_ref().and_then(|tls| tls.client_config());
+        let generation = tls.as_ref().map_or(0, |(generation, _)| *generation);
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let channel = match channels.get(&target) {
-            Some((known, channel)) if known == addr => channel.clone(),
+            Some(cached) if cached.address == addr && cached.tls_generation == generation => cached.channel.clone(),
             _ => {
-                let channel = transport::endpoint(addr, self.connect_timeout, self.tls.as_ref())?.connect_lazy();
-                channels.insert(target, (addr.to_string(), channel.clone()));
+                let tls = tls.as_ref().map(|(_, config)| config);
+                let channel = transport::endpoint(addr, self.connect_timeout, tls)?.connect_lazy();
+                let cached = CachedChannel {
+                    address: addr.to_string(),
+                    tls_generation: generation,
+                    channel: channel.clone(),
+                };
+                channels.insert(target, cached);
                 channel
             }
         };
@@ -161,7 +180,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerChannels {
             owner: self.owner,
             target,
             address: self.address(target, &node.addr).to_string(),
-            client: self.client(target, &node.addr).map_err(|e| e.to_string()),
+            channels: self.clone(),
             append_stream: None,
             spare_streams: self.spare_streams.clone(),
             unary_only: false,
@@ -180,7 +199,8 @@ pub struct PeerConnection {
     target: NodeId,
     /// The address `client` connects to (spare streams are only re-used towards it).
     address: String,
-    client: Result<PeerClient<Channel>, String>,
+    /// Where the client for each call comes from (a new channel after a TLS change).
+    channels: PeerChannels,
     /// The open AppendEntries stream, between calls. A call takes it out and puts it back only
     /// after its reply arrived, so a call that failed or was abandoned (openraft's timeout
     /// drops it) leaves no stream whose next reply would answer the wrong request.
@@ -225,6 +245,13 @@ enum Rpc {
 struct TransportError(String);
 
 impl PeerConnection {
+    /// A client to the peer on the current channel.
+    fn client(&self) -> Result<PeerClient<Channel>, String> {
+        self.channels
+            .client(self.target, &self.address)
+            .map_err(|e| e.to_string())
+    }
+
     /// One AppendEntries on the stream, opened first if there is none.
     async fn call_on_stream(&mut self, data: Vec<u8>) -> Result<RaftPayload, tonic::Status> {
         let (stream, spare) = match self.append_stream.take() {
@@ -283,10 +310,7 @@ impl PeerConnection {
     }
 
     async fn open_stream(&self) -> Result<AppendStream, tonic::Status> {
-        let mut client = match &self.client {
-            Ok(client) => client.clone(),
-            Err(e) => return Err(tonic::Status::unavailable(e.clone())),
-        };
+        let mut client = self.client().map_err(tonic::Status::unavailable)?;
         // One message in flight at a time, so one slot is enough. No deadline on the stream
         // itself: it lives as long as the leader's replication to this peer; each message is
         // bounded by openraft's timeout around the call.
@@ -358,11 +382,9 @@ impl PeerConnection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let client = match &self.client {
-            Ok(client) => client.clone(),
-            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&TransportError(e.clone())))),
-        };
-        let mut client = client;
+        let mut client = self
+            .client()
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&TransportError(e))))?;
         let data = codec::encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(RaftPayload { data });
         // openraft wraps every one of these calls in its own timeout of the same TTL, so only

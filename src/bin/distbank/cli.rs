@@ -316,6 +316,11 @@ pub(crate) struct BranchArgs {
     /// TLS on the customer API: a directory with tls.crt and tls.key.
     #[arg(long, env = "DISTBANK_CUSTOMER_TLS_DIR")]
     pub(crate) customer_tls_dir: Option<PathBuf>,
+    /// Re-read both TLS directories this often (seconds); renewed certificates (cert-manager
+    /// rewrites the Secret before expiry) are then used for every new connection, without a
+    /// restart. Files that do not parse are reported and the certificates in use stay. 0: never.
+    #[arg(long, env = "DISTBANK_TLS_RELOAD_SECS", default_value_t = distbank::transport::RELOAD_INTERVAL.as_secs())]
+    pub(crate) tls_reload_secs: u64,
     /// Also serve gRPC health alone, in plaintext, here (Kubernetes' gRPC probes cannot speak
     /// TLS: use it for the probes when the customer API has TLS).
     #[arg(long, env = "DISTBANK_HEALTH_LISTEN")]

@@ -12,6 +12,7 @@ use distbank::discovery::{self, Addresses};
 use distbank::input::Input;
 use distbank::output;
 use distbank::replay::{self, BranchClients};
+use distbank::transport::{CertDir, TlsRole};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -363,13 +364,14 @@ async fn branch(args: BranchArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         tls: BranchTls {
             peer: (args.peer_tls_dir.as_deref())
-                .map(distbank::transport::PeerTls::load_dir)
+                .map(|dir| CertDir::load(dir, TlsRole::Mutual))
                 .transpose()
                 .map_err(|e| UsageError(format!("--peer-tls-dir: {e}")))?,
             customer: (args.customer_tls_dir.as_deref())
-                .map(distbank::transport::customer_server_tls)
+                .map(|dir| CertDir::load(dir, TlsRole::Server))
                 .transpose()
                 .map_err(|e| UsageError(format!("--customer-tls-dir: {e}")))?,
+            reload_every: Duration::from_secs(args.tls_reload_secs),
         },
     };
     // The bound addresses (not the flags): with port 0 this is how a caller finds the ports.
