@@ -152,7 +152,7 @@ fn last_record_offset(bytes: &[u8]) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupted_log_is_refused_and_a_torn_tail_is_cut_off() {
+async fn a_corrupted_log_is_refused_a_torn_tail_is_cut_off_and_an_emptied_voter_rejoins() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut branches = start_three(dir.path());
     all_serving(&branches).await;
@@ -201,4 +201,32 @@ async fn a_corrupted_log_is_refused_and_a_torn_tail_is_cut_off() {
     assert!(log.contains("cutting off a torn final record"), "{log}");
     assert_eq!(balance(&branches, 3, 30).await, expected);
     assert_eq!(balance(&branches, 1, 31).await, expected);
+
+    // The documented recovery for branch 2 (docs/operations.md): move its directory away. It
+    // rejoins empty and the leader sends it everything, which is safe because the other two
+    // voters, a majority, kept their data and stay up until it has caught up.
+    let data = branches[1].spec.data_dir.clone();
+    std::fs::rename(&data, data.with_extension("corrupt")).expect("move the directory away");
+    branches[1].restart();
+    wait_serving(&[&branches[1]], WAIT).await;
+    assert_eq!(balance(&branches, 2, 32).await, expected);
+    let (status, _) = call(&branches, 2, 33, "deposit", 1).await;
+    assert_eq!(status, "success");
+    for id in 1..=3 {
+        assert_eq!(balance(&branches, id, 40 + id).await, expected + 1, "branch {id}");
+    }
+
+    // The same for branch 1, the voter that forms the cluster when it finds itself
+    // uninitialized: empty again, it must rejoin the existing cluster, not found a new one.
+    branches[0].kill9();
+    let data = branches[0].spec.data_dir.clone();
+    std::fs::rename(&data, data.with_extension("lost")).expect("move the directory away");
+    branches[0].restart();
+    wait_serving(&[&branches[0]], WAIT).await;
+    assert_eq!(balance(&branches, 1, 50).await, expected + 1);
+    let (status, _) = call(&branches, 1, 51, "deposit", 1).await;
+    assert_eq!(status, "success");
+    for id in 1..=3 {
+        assert_eq!(balance(&branches, id, 60 + id).await, expected + 2, "branch {id}");
+    }
 }

@@ -27,7 +27,8 @@
 //! snapshot that does not parse) is corruption: the branch refuses to start with
 //! [`StoreError::Corrupt`], naming the file and the byte offset. It never guesses. To recover,
 //! move the directory away; the branch then rejoins empty and is brought up to date by the
-//! leader (safe when a majority of voters still hold their data).
+//! leader: always safe for a learner, and for a voter while the other voters keep running with
+//! their data until it has caught up (docs/operations.md).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
