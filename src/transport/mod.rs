@@ -1,7 +1,7 @@
 //! How connections are made, for every gRPC client and server in the crate: client endpoints
-//! (TCP_NODELAY, HTTP/2 keepalive, TLS), listeners with TLS ([`tls`]: certificates from a
-//! directory laid out like a Kubernetes TLS Secret, followed while the branch runs), and local
-//! deadlines on outbound calls.
+//! (TCP_NODELAY, HTTP/2 keepalive, TLS), listeners with TLS ([`CertDir`], [`Incoming`]:
+//! certificates from a directory laid out like a Kubernetes TLS Secret, followed while the
+//! branch runs), and local deadlines on outbound calls.
 
 mod tls;
 

@@ -328,6 +328,32 @@ def test_metrics_off_and_service_monitor():
     assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
 
 
+def test_prometheus_rule_holds_the_documented_alerts_for_this_release_only(default_docs):
+    assert not [d for d in default_docs if d["kind"] == "PrometheusRule"]
+    docs = render("--set", "metrics.prometheusRule.enabled=true", "--set", "metrics.prometheusRule.labels.release=prom",
+                  "--set-json", "metrics.prometheusRule.slowOperationSeconds=0.25")
+    rule = one(docs, "PrometheusRule", FULLNAME)
+    assert rule["metadata"]["labels"]["release"] == "prom"
+    rules = rule["spec"]["groups"][0]["rules"]
+    # The same alerts, with the same `for`, as docs/operations.md documents.
+    text = (ROOT / "docs" / "operations.md").read_text()
+    documented = yaml.safe_load(re.search(r"```yaml\n(groups:.*?)```", text, re.S).group(1))
+    documented = {r["alert"]: r.get("for") for r in documented["groups"][0]["rules"]}
+    assert {r["alert"]: r.get("for") for r in rules} == documented
+    selector = f'namespace="{NAMESPACE}", job="{HEADLESS}"'
+    for r in rules:
+        # Every metric selector names this release's targets (another release's branches in
+        # the same Prometheus must not trip these alerts).
+        metrics = re.findall(r"distbank_\w+(\{[^}]*\})?", r["expr"])
+        assert metrics and all(m.startswith("{" + selector) for m in metrics), r["expr"]
+        assert r["labels"]["severity"] in {"warning", "critical"}
+        assert r["annotations"]["summary"]
+    slow = next(r for r in rules if r["alert"] == "DistbankSlowOperations")
+    assert slow["expr"].endswith("> 0.25")
+    off = render("--set", "metrics.prometheusRule.enabled=true", "--set", "metrics.enabled=false")
+    assert not [d for d in off if d["kind"] == "PrometheusRule"]
+
+
 def test_jaeger_option_points_every_pod_at_it():
     docs = render("--set", "jaeger.enabled=true", "--set", "tracing.samplerArg=0.5")
     jaeger = one(docs, "Deployment", f"{FULLNAME}-jaeger")
