@@ -3,9 +3,9 @@
 //! Process-wide, labelled by branch (several branches may share a process in `distbank run`):
 //! - `distbank_operations_total{branch,operation,result}` and
 //!   `distbank_operation_duration_seconds{branch,operation}`: customer requests;
-//! - `distbank_raft_*{branch}`: term, leadership, last log / applied index, apply lag, and on
-//!   the leader `distbank_raft_replication_lag_entries{branch,peer}`; read at scrape time from
-//!   openraft's metrics, so they cost nothing between scrapes;
+//! - `distbank_raft_*{branch}`: term, leadership and the leader known, last log / applied
+//!   index, apply lag, and on the leader `distbank_raft_replication_lag_entries{branch,peer}`;
+//!   read at scrape time from openraft's metrics, so they cost nothing between scrapes;
 //! - `distbank_peer_up{branch,peer}`: whether the last Raft RPC to that peer got an answer;
 //! - `distbank_writes_per_batch{branch,kind}`: group commit at work, writes per log entry
 //!   (`kind="entry"`, on the leader) and per forwarded `Submit` (`kind="forward"`);
@@ -100,6 +100,7 @@ struct Metrics {
     ready: Family<BranchLabels, Gauge>,
     term: Family<BranchLabels, Gauge>,
     is_leader: Family<BranchLabels, Gauge>,
+    leader: Family<BranchLabels, Gauge>,
     last_log_index: Family<BranchLabels, Gauge>,
     last_applied_index: Family<BranchLabels, Gauge>,
     apply_lag: Family<BranchLabels, Gauge>,
@@ -168,6 +169,11 @@ impl Metrics {
         let ready = gauge(&mut registry, "ready", "1 while the readiness health status is SERVING");
         let term = gauge(&mut registry, "raft_current_term", "Raft term");
         let is_leader = gauge(&mut registry, "raft_is_leader", "1 on the Raft leader");
+        let leader = gauge(
+            &mut registry,
+            "raft_leader",
+            "The branch this branch knows as leader (0: none known)",
+        );
         let last_log_index = gauge(&mut registry, "raft_last_log_index", "Index of the last log entry");
         let last_applied_index = gauge(
             &mut registry,
@@ -203,6 +209,7 @@ impl Metrics {
             ready,
             term,
             is_leader,
+            leader,
             last_log_index,
             last_applied_index,
             apply_lag,
@@ -223,6 +230,10 @@ impl Metrics {
             self.is_leader
                 .get_or_create(&labels)
                 .set(i64::from(m.current_leader == Some(id)));
+            // Any one branch's /metrics names the leader (its image has no shell to ask with).
+            self.leader
+                .get_or_create(&labels)
+                .set(m.current_leader.map_or(0, gauge_value));
             self.last_log_index.get_or_create(&labels).set(gauge_value(last_log));
             self.last_applied_index.get_or_create(&labels).set(gauge_value(applied));
             self.apply_lag

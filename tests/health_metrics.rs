@@ -161,6 +161,7 @@ async fn metrics_count_operations_and_readiness_drops_before_the_listener_closes
     let before = support::scrape(&metrics, TIMEOUT).await;
     assert_eq!(before.get(deposits), None, "no deposit yet: {before:#?}");
     assert_eq!(before.get(r#"distbank_raft_is_leader{branch="1"}"#), Some(&1.0));
+    assert_eq!(before.get(r#"distbank_raft_leader{branch="1"}"#), Some(&1.0));
     assert_eq!(before.get(r#"distbank_ready{branch="1"}"#), Some(&1.0));
 
     let mut client = BankClient::new(channel.clone());
