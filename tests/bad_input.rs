@@ -216,3 +216,83 @@ fn older_variants_are_accepted() {
         r#"[{"id": 1, "recv": [{"interface": "query", "balance": 400}, {"interface": "deposit", "result": "success"}, {"interface": "query", "balance": 410}]}]"#
     );
 }
+
+/// Flags out of range are usage errors (exit 2, the flag named, no output), not a panic when
+/// a deadline computed from them overflows the clock, and not a cluster that hangs.
+#[test]
+fn flags_out_of_range_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("in.json"),
+        customer(r#"{"id": 1, "interface": "query"}"#),
+    )
+    .expect("write");
+    for (args, flag) in [
+        (
+            &["run", "in.json", "--request-timeout", "18446744073709551615"][..],
+            "--request-timeout",
+        ),
+        (&["run", "in.json", "--heartbeat-ms", "0"][..], "--heartbeat-ms"),
+        (
+            &[
+                "run",
+                "in.json",
+                "--heartbeat-ms",
+                "1000",
+                "--election-timeout-ms",
+                "1000",
+            ][..],
+            "--election-timeout-ms",
+        ),
+        (&["run", "in.json", "--voters", "0"][..], "--voters"),
+        (&["run", "in.json", "--concurrency", "0"][..], "--concurrency"),
+        (
+            &["run", "in.json", "--retry-budget", "18446744073709551615"][..],
+            "--retry-budget",
+        ),
+        (
+            &[
+                "replay",
+                "in.json",
+                "--branch-addr",
+                "1=127.0.0.1:1",
+                "--wait-timeout",
+                "99999999999",
+            ][..],
+            "--wait-timeout",
+        ),
+        (&["bench", "--concurrent", "2", "--duration", "1e300"][..], "--duration"),
+        (&["bench", "in.json", "--runs", "0"][..], "--runs"),
+        (
+            &[
+                "branch",
+                "--id",
+                "1",
+                "--input",
+                "in.json",
+                "--peers",
+                "1=127.0.0.1:1",
+                "--tls-reload-secs",
+                "99999999999",
+            ][..],
+            "--tls-reload-secs",
+        ),
+    ] {
+        let result = Command::new(env!("CARGO_BIN_EXE_distbank"))
+            .args(args)
+            .args(
+                ["-o", "out.json"]
+                    .iter()
+                    .filter(|_| matches!(args[0], "run" | "replay")),
+            )
+            .current_dir(dir.path())
+            .env("RUST_LOG", "off")
+            .output()
+            .expect("distbank runs");
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: the message names {flag}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(!dir.path().join("out.json").exists(), "{args:?} wrote an output");
+    }
+}

@@ -12,6 +12,16 @@ use distbank::replay::ReplayOptions;
 use distbank::replication::RaftTiming;
 use distbank::telemetry::LogFormat;
 
+/// The longest any timeout, budget or interval flag may be: a week. Past that a value is a
+/// typo, and deadlines computed from it would overflow the clock.
+pub(crate) const MAX_SECONDS: u64 = 7 * 24 * 3600;
+const MAX_MILLIS: u64 = MAX_SECONDS * 1000;
+
+/// A count that must be at least 1 (clients, runs, voters).
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
 #[derive(Parser)]
 #[command(
     name = "distbank",
@@ -89,10 +99,10 @@ pub(crate) enum Command {
         generate: Option<(u64, u64)>,
         /// Instead of a file: CLIENTS concurrent customers for --duration seconds against
         /// --branches branches (throughput).
-        #[arg(long, env = "DISTBANK_BENCH_CONCURRENT")]
+        #[arg(long, env = "DISTBANK_BENCH_CONCURRENT", value_parser = at_least_one())]
         concurrent: Option<usize>,
         /// Branches for --concurrent.
-        #[arg(long, env = "DISTBANK_BENCH_BRANCHES", default_value_t = 5)]
+        #[arg(long, env = "DISTBANK_BENCH_BRANCHES", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=10_000))]
         branches: u64,
         /// Seconds for --concurrent (a soak: e.g. 600).
         #[arg(long, env = "DISTBANK_BENCH_DURATION", default_value_t = 30.0)]
@@ -105,7 +115,7 @@ pub(crate) enum Command {
         #[arg(long, env = "DISTBANK_BENCH_SAVE_INPUT", requires = "generate")]
         save_input: Option<PathBuf>,
         /// How many runs (each on a fresh cluster).
-        #[arg(long, env = "DISTBANK_BENCH_RUNS", default_value_t = 5)]
+        #[arg(long, env = "DISTBANK_BENCH_RUNS", default_value_t = 5, value_parser = at_least_one())]
         runs: usize,
         /// Check every run's output against this file (e.g. the course's reference output).
         #[arg(long, env = "DISTBANK_BENCH_EXPECT")]
@@ -137,7 +147,7 @@ pub(crate) enum Command {
         #[arg(short, long, env = "DISTBANK_OUTPUT", default_value = "output.json")]
         output: PathBuf,
         /// Seconds to wait for every branch to report SERVING before replaying.
-        #[arg(long, env = "DISTBANK_WAIT_TIMEOUT", default_value_t = 120)]
+        #[arg(long, env = "DISTBANK_WAIT_TIMEOUT", default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=MAX_SECONDS))]
         wait_timeout: u64,
         /// Also upload output.json to this ConfigMap (in-cluster credentials; namespace from
         /// POD_NAMESPACE or the service account).
@@ -172,7 +182,7 @@ pub(crate) enum Command {
         #[arg(long, env = "DISTBANK_ID_OFFSET", default_value_t = 1)]
         id_offset: u64,
         /// Seconds to wait for SERVING.
-        #[arg(long, env = "DISTBANK_WAIT_TIMEOUT", default_value_t = 30)]
+        #[arg(long, env = "DISTBANK_WAIT_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=MAX_SECONDS))]
         timeout: u64,
         #[command(flatten)]
         tls: ClientTlsArgs,
@@ -182,19 +192,19 @@ pub(crate) enum Command {
 #[derive(Args, Clone)]
 pub(crate) struct ConsensusArgs {
     /// How many branches vote in Raft (the lowest ids); the others are non-voting replicas.
-    #[arg(long, env = "DISTBANK_VOTERS", default_value_t = 3)]
+    #[arg(long, env = "DISTBANK_VOTERS", default_value_t = 3, value_parser = at_least_one())]
     pub(crate) voters: usize,
     /// Seconds a customer request may wait for consensus before failing with UNAVAILABLE.
-    #[arg(long, env = "DISTBANK_REQUEST_TIMEOUT", default_value_t = 10)]
+    #[arg(long, env = "DISTBANK_REQUEST_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     pub(crate) request_timeout: u64,
     /// Raft heartbeat interval in ms (also the timeout of each replication call).
-    #[arg(long, env = "DISTBANK_HEARTBEAT_MS", default_value_t = RaftTiming::default().heartbeat_ms)]
+    #[arg(long, env = "DISTBANK_HEARTBEAT_MS", default_value_t = RaftTiming::default().heartbeat_ms, value_parser = clap::value_parser!(u64).range(1..=MAX_MILLIS))]
     pub(crate) heartbeat_ms: u64,
     /// Raft election timeout T in ms: a follower that hears nothing from the leader for 2T
     /// (openraft's leader lease, during which it also refuses to vote) plus a random time in
     /// [T, 2T) asks the other voters whether they would vote for it (pre-vote) and, with a
     /// majority, starts an election, so a dead leader is replaced after 3T to 4T.
-    #[arg(long, env = "DISTBANK_ELECTION_TIMEOUT_MS", default_value_t = RaftTiming::default().election_timeout_min_ms)]
+    #[arg(long, env = "DISTBANK_ELECTION_TIMEOUT_MS", default_value_t = RaftTiming::default().election_timeout_min_ms, value_parser = clap::value_parser!(u64).range(1..=MAX_MILLIS))]
     pub(crate) election_timeout_ms: u64,
     /// How the leader confirms it still leads before answering a linearizable read: `lease`
     /// (while a quorum of voters acknowledged it within the last 1.5T, no round; relies on
@@ -272,10 +282,10 @@ impl From<RuntimesArg> for distbank::cluster::Runtimes {
 #[derive(Args, Clone)]
 pub(crate) struct ReplayArgs {
     /// How many customer items run at once (1 = one after another, as the course specifies).
-    #[arg(long, env = "DISTBANK_CONCURRENCY", default_value_t = 1)]
+    #[arg(long, env = "DISTBANK_CONCURRENCY", default_value_t = 1, value_parser = at_least_one())]
     pub(crate) concurrency: usize,
     /// Seconds one event may keep being retried (same event id) before the replay fails.
-    #[arg(long, env = "DISTBANK_RETRY_BUDGET", default_value_t = 60)]
+    #[arg(long, env = "DISTBANK_RETRY_BUDGET", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=MAX_SECONDS))]
     pub(crate) retry_budget: u64,
 }
 
@@ -319,7 +329,7 @@ pub(crate) struct BranchArgs {
     /// Re-read both TLS directories this often (seconds); renewed certificates (cert-manager
     /// rewrites the Secret before expiry) are then used for every new connection, without a
     /// restart. Files that do not parse are reported and the certificates in use stay. 0: never.
-    #[arg(long, env = "DISTBANK_TLS_RELOAD_SECS", default_value_t = distbank::transport::RELOAD_INTERVAL.as_secs())]
+    #[arg(long, env = "DISTBANK_TLS_RELOAD_SECS", default_value_t = distbank::transport::RELOAD_INTERVAL.as_secs(), value_parser = clap::value_parser!(u64).range(0..=MAX_SECONDS))]
     pub(crate) tls_reload_secs: u64,
     /// Also serve gRPC health alone, in plaintext, here (Kubernetes' gRPC probes cannot speak
     /// TLS: use it for the probes when the customer API has TLS).
@@ -346,25 +356,38 @@ impl ClientTlsArgs {
 }
 
 impl ConsensusArgs {
-    pub(crate) fn cluster_options(&self, local: &LocalArgs, host: IpAddr, base_port: Option<u16>) -> ClusterOptions {
-        ClusterOptions {
+    pub(crate) fn cluster_options(
+        &self,
+        local: &LocalArgs,
+        host: IpAddr,
+        base_port: Option<u16>,
+    ) -> Result<ClusterOptions, UsageError> {
+        Ok(ClusterOptions {
             host,
             base_port,
             voters: self.voters,
-            timing: self.timing(),
+            timing: self.timing()?,
             request_timeout: Duration::from_secs(self.request_timeout),
             data_dir: None,
             runtimes: local.runtimes.into(),
-        }
+        })
     }
 
-    pub(crate) fn timing(&self) -> RaftTiming {
-        RaftTiming {
+    pub(crate) fn timing(&self) -> Result<RaftTiming, UsageError> {
+        // openraft's rule, said in the flags' terms (its own message names its fields).
+        if self.election_timeout_ms <= self.heartbeat_ms {
+            return Err(UsageError(format!(
+                "--election-timeout-ms {} must be greater than --heartbeat-ms {}: a follower must \
+                 hear several heartbeats within one election timeout",
+                self.election_timeout_ms, self.heartbeat_ms
+            )));
+        }
+        Ok(RaftTiming {
             heartbeat_ms: self.heartbeat_ms,
             election_timeout_min_ms: self.election_timeout_ms,
             election_timeout_max_ms: self.election_timeout_ms.saturating_mul(2),
             read_lease: matches!(self.read_mode, ReadModeArg::Lease),
-        }
+        })
     }
 }
 

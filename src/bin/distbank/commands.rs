@@ -16,7 +16,7 @@ use distbank::transport::{CertDir, TlsRole};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{BranchArgs, Command, ConsensusArgs, LocalArgs, ReplayArgs, UsageError};
+use crate::cli::{BranchArgs, Command, ConsensusArgs, LocalArgs, MAX_SECONDS, ReplayArgs, UsageError};
 
 pub(crate) async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
@@ -70,7 +70,7 @@ pub(crate) async fn dispatch(command: Command) -> anyhow::Result<()> {
             replay,
         } => {
             if let Some(clients) = concurrent {
-                let mut options = consensus.cluster_options(&local, IpAddr::from([127, 0, 0, 1]), None);
+                let mut options = consensus.cluster_options(&local, IpAddr::from([127, 0, 0, 1]), None)?;
                 if let Some(dir) = data_dir {
                     // A bench measures fresh branches: recovering an earlier run's state would
                     // measure something else.
@@ -80,15 +80,16 @@ pub(crate) async fn dispatch(command: Command) -> anyhow::Result<()> {
                     }
                     options.data_dir = Some(dir);
                 }
-                if !(duration.is_finite() && duration > 0.0) {
+                let seconds = 0.0..=MAX_SECONDS as f64;
+                if !(duration > 0.0 && seconds.contains(&duration)) {
                     bail!(UsageError(format!(
-                        "--duration {duration}: must be a positive number of seconds"
+                        "--duration {duration}: must be a positive number of seconds, at most {MAX_SECONDS}"
                     )));
                 }
                 let every = sample_every.unwrap_or((duration / 10.0).clamp(1.0, 60.0));
-                if !(every.is_finite() && every > 0.0) {
+                if !(every > 0.0 && seconds.contains(&every)) {
                     bail!(UsageError(format!(
-                        "--sample-every {every}: must be a positive number of seconds"
+                        "--sample-every {every}: must be a positive number of seconds, at most {MAX_SECONDS}"
                     )));
                 }
                 let cpu_before = distbank::bench::cpu_time();
@@ -199,7 +200,7 @@ async fn run(
     let cluster = LocalCluster::start(
         &branch_ids,
         input.initial_balance(),
-        &consensus.cluster_options(local, IpAddr::from([127, 0, 0, 1]), None),
+        &consensus.cluster_options(local, IpAddr::from([127, 0, 0, 1]), None)?,
     )
     .await
     .context("starting the branches")?;
@@ -256,7 +257,7 @@ async fn bench(
     let expected = expect
         .map(|path| std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display())))
         .transpose()?;
-    let cluster = consensus.cluster_options(local, IpAddr::from([127, 0, 0, 1]), None);
+    let cluster = consensus.cluster_options(local, IpAddr::from([127, 0, 0, 1]), None)?;
     let options = replay_args.options();
     let cpu_before = distbank::bench::cpu_time();
     let mut figures = Vec::with_capacity(runs);
@@ -294,7 +295,7 @@ async fn server(
     let cluster = LocalCluster::start(
         &input.branch_ids(),
         input.initial_balance(),
-        &consensus.cluster_options(local, host, Some(base_port)),
+        &consensus.cluster_options(local, host, Some(base_port))?,
     )
     .await
     .context("starting the branches")?;
@@ -359,7 +360,7 @@ async fn branch(args: BranchArgs) -> anyhow::Result<()> {
         initial_balance: input.initial_balance(),
         members,
         voters: args.consensus.voters,
-        timing: args.consensus.timing(),
+        timing: args.consensus.timing()?,
         request_timeout: Duration::from_secs(args.consensus.request_timeout),
         data_dir: args.data_dir.clone(),
         tls: BranchTls {
