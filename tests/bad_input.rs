@@ -263,6 +263,7 @@ fn flags_out_of_range_are_refused() {
         ),
         (&["bench", "--concurrent", "2", "--duration", "1e300"][..], "--duration"),
         (&["bench", "in.json", "--runs", "0"][..], "--runs"),
+        (&["bench", "--generate", "1000000x1"][..], "--generate"),
         (
             &[
                 "branch",
@@ -295,4 +296,35 @@ fn flags_out_of_range_are_refused() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         assert!(!dir.path().join("out.json").exists(), "{args:?} wrote an output");
     }
+}
+
+/// A runtime failure names the path and its cause once (the causes of an error chain are not
+/// repeated when a message already quotes them).
+#[test]
+fn a_data_dir_that_is_a_file_is_named_with_its_cause_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("in.json"),
+        customer(r#"{"id": 1, "interface": "query"}"#),
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("not-a-dir"), "").expect("write");
+    let result = Command::new(env!("CARGO_BIN_EXE_distbank"))
+        .args(["branch", "--id", "1", "--input", "in.json", "--peers", "1=127.0.0.1:1"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--peer-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "not-a-dir",
+        ])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("distbank runs");
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not-a-dir"), "{stderr}");
+    assert_eq!(stderr.matches("os error").count(), 1, "the cause repeated: {stderr}");
 }

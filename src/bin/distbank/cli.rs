@@ -17,6 +17,9 @@ use distbank::telemetry::LogFormat;
 pub(crate) const MAX_SECONDS: u64 = 7 * 24 * 3600;
 const MAX_MILLIS: u64 = MAX_SECONDS * 1000;
 
+/// The most branches a generated benchmark starts on this machine (two listening ports each).
+const MAX_LOCAL_BRANCHES: u64 = 10_000;
+
 /// A count that must be at least 1 (clients, runs, voters).
 fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
@@ -102,7 +105,7 @@ pub(crate) enum Command {
         #[arg(long, env = "DISTBANK_BENCH_CONCURRENT", value_parser = at_least_one())]
         concurrent: Option<usize>,
         /// Branches for --concurrent.
-        #[arg(long, env = "DISTBANK_BENCH_BRANCHES", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        #[arg(long, env = "DISTBANK_BENCH_BRANCHES", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=MAX_LOCAL_BRANCHES))]
         branches: u64,
         /// Seconds for --concurrent (a soak: e.g. 600).
         #[arg(long, env = "DISTBANK_BENCH_DURATION", default_value_t = 30.0)]
@@ -416,6 +419,10 @@ fn parse_generate(text: &str) -> Result<(u64, u64), String> {
         .map_err(|_| format!("bad event count {events:?}"))?;
     if branches == 0 || events == 0 {
         return Err("branches and events must be at least 1".into());
+    }
+    // One machine's worth: two listening ports per branch, the workload held in memory.
+    if branches > MAX_LOCAL_BRANCHES || events > 10_000_000 {
+        return Err(format!("at most {MAX_LOCAL_BRANCHES} branches and 10000000 events"));
     }
     Ok((branches, events))
 }
