@@ -324,27 +324,36 @@ pub async fn wait_until_serving(clients: &BranchClients, timeout: Duration) -> R
     use tonic_health::pb::health_client::HealthClient;
 
     let deadline = Instant::now() + timeout;
-    let mut waiting: Vec<u64> = clients.channels.keys().copied().collect();
+    let mut waiting: Vec<(u64, String)> = clients
+        .channels
+        .keys()
+        .map(|&branch| (branch, "not checked yet".to_string()))
+        .collect();
     let mut last_report = Instant::now();
     loop {
-        let checks = waiting.iter().map(|&branch| {
+        let checks = waiting.iter().map(|&(branch, _)| {
             let channel = clients.channels.get(&branch).cloned();
             async move {
-                let Some(channel) = channel else { return (branch, false) };
+                let Some(channel) = channel else {
+                    return (branch, Err("no address".to_string()));
+                };
                 let request = tonic::Request::new(HealthCheckRequest { service: String::new() });
                 let mut health = HealthClient::new(channel);
-                let serving = transport::call(Duration::from_secs(2), request, |r| health.check(r))
+                let status = transport::call(Duration::from_secs(2), request, |r| health.check(r))
                     .await
-                    .map(|reply| reply.into_inner().status == ServingStatus::Serving as i32)
-                    .unwrap_or(false);
-                (branch, serving)
+                    .map_err(|status| status_summary(&status))
+                    .and_then(|reply| match ServingStatus::try_from(reply.into_inner().status) {
+                        Ok(ServingStatus::Serving) => Ok(()),
+                        Ok(other) => Err(other.as_str_name().to_string()),
+                        Err(_) => Err("an unknown health status".to_string()),
+                    });
+                (branch, status)
             }
         });
         waiting = futures::future::join_all(checks)
             .await
             .into_iter()
-            .filter(|(_, serving)| !serving)
-            .map(|(branch, _)| branch)
+            .filter_map(|(branch, status)| status.err().map(|why| (branch, why)))
             .collect();
         if waiting.is_empty() {
             return Ok(());
@@ -356,17 +365,86 @@ pub async fn wait_until_serving(clients: &BranchClients, timeout: Duration) -> R
             });
         }
         if last_report.elapsed() >= Duration::from_secs(5) {
-            tracing::info!(waiting = waiting.len(), first = ?waiting.first(), "waiting for branches to report SERVING");
+            let (first, why) = &waiting[0];
+            tracing::info!(waiting = waiting.len(), first, why = %why, "waiting for branches to report SERVING");
             last_report = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now()))).await;
     }
 }
 
-/// Branches that did not report SERVING in time.
+/// A failed health call in a few words: the code, the message, and the root cause (tonic's
+/// "tcp connect error" hides "Connection refused" in its source).
+fn status_summary(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(status);
+    let mut root = None;
+    while let Some(error) = cause {
+        root = Some(error);
+        cause = error.source();
+    }
+    if let Some(root) = root.map(|e| e.to_string())
+        && !text.contains(&root)
+    {
+        text.push_str(": ");
+        text.push_str(&root);
+    }
+    text.chars().take(200).collect()
+}
+
+/// Branches that did not report SERVING in time, each with its last answer.
 #[derive(Debug, thiserror::Error)]
-#[error("{} branch(es) not SERVING after {seconds:.0} s: {}", waiting.len(), waiting.iter().map(|id| id.to_string()).collect::<Vec<_>>().join(","))]
+#[error("{} branch(es) not SERVING after {seconds:.0} s: {}", waiting.len(), describe_waiting(waiting))]
 pub struct WaitError {
     pub seconds: f64,
-    pub waiting: Vec<u64>,
+    /// Branch id and what its last health check got (a status, or why the call failed).
+    pub waiting: Vec<(u64, String)>,
+}
+
+/// The first few branches and their last answers (a 100-branch list would drown the line).
+fn describe_waiting(waiting: &[(u64, String)]) -> String {
+    const SHOWN: usize = 5;
+    let mut text = waiting
+        .iter()
+        .take(SHOWN)
+        .map(|(branch, why)| format!("branch {branch} ({why})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if waiting.len() > SHOWN {
+        text.push_str(&format!(", and {} more", waiting.len() - SHOWN));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_branch_that_never_serves_is_named_with_its_last_answer() {
+        // A port nobody listens on: bound, then closed.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let addresses = Addresses::Static([(7, addr.to_string())].into());
+        let clients = BranchClients::new(&addresses, &[7], Duration::from_secs(1)).unwrap();
+        let error = wait_until_serving(&clients, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert_eq!(error.waiting.len(), 1);
+        let message = error.to_string();
+        assert!(message.starts_with("1 branch(es) not SERVING"), "{message}");
+        assert!(message.contains("branch 7 (Unavailable"), "{message}");
+    }
+
+    #[test]
+    fn a_long_list_of_waiting_branches_is_cut_short() {
+        let waiting: Vec<(u64, String)> = (1..=50).map(|id| (id, "NOT_SERVING".to_string())).collect();
+        let text = describe_waiting(&waiting);
+        assert!(
+            text.starts_with("branch 1 (NOT_SERVING), branch 2 (NOT_SERVING)"),
+            "{text}"
+        );
+        assert!(text.ends_with(", and 45 more"), "{text}");
+    }
 }
