@@ -260,7 +260,7 @@ async fn send_with_retries(
         telemetry::inject_metadata(request.metadata_mut());
         let last_error = match transport::call(options.call_timeout, request, |r| client.msg_delivery(r)).await {
             Ok(reply) => return recv_from_reply(customer, event, reply.into_inner()),
-            Err(status) if retryable(status.code()) => format!("{}: {}", status.code(), status.message()),
+            Err(status) if retryable(status.code()) => status_summary(&status),
             Err(status) => {
                 return Err(ReplayError::Refused {
                     customer,
