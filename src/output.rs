@@ -72,15 +72,7 @@ pub fn render(outputs: &[CustomerOutput]) -> String {
 /// Writes `contents` to `path` atomically: a temporary file in the same directory, synced,
 /// then renamed, so a failure never leaves a partial output.json behind.
 pub fn write_atomic(path: &Path, contents: &str) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let tmp = temporary_beside(path);
     let result = (|| {
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(contents.as_bytes())?;
@@ -91,6 +83,30 @@ pub fn write_atomic(path: &Path, contents: &str) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Checks, before any work, that [`write_atomic`] could write `path`: it is not a directory,
+/// and its directory takes a new file (exists, writable, not a read-only file system).
+pub fn check_writable(path: &Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        return Err(std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"));
+    }
+    let tmp = temporary_beside(path);
+    std::fs::File::create(&tmp)?;
+    std::fs::remove_file(&tmp)
+}
+
+/// The temporary file [`write_atomic`] writes before renaming it to `path`.
+fn temporary_beside(path: &Path) -> std::path::PathBuf {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.join(format!(".{name}.{}.tmp", std::process::id()))
 }
 
 #[cfg(test)]

@@ -328,3 +328,28 @@ fn a_data_dir_that_is_a_file_is_named_with_its_cause_once() {
     assert!(stderr.contains("not-a-dir"), "{stderr}");
     assert_eq!(stderr.matches("os error").count(), 1, "the cause repeated: {stderr}");
 }
+
+/// An output that cannot be written is refused before any branch starts (exit 2), not after
+/// the whole replay.
+#[test]
+fn an_output_that_cannot_be_written_is_refused_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("in.json"),
+        customer(r#"{"id": 1, "interface": "query"}"#),
+    )
+    .expect("write");
+    std::fs::create_dir(dir.path().join("a-dir")).expect("mkdir");
+    for output in ["a-dir", "missing/out.json"] {
+        let result = Command::new(env!("CARGO_BIN_EXE_distbank"))
+            .args(["--log-format", "json", "run", "in.json", "-o", output])
+            .current_dir(dir.path())
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("distbank runs");
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(2), "{output}: {stderr}");
+        assert!(stderr.contains(output) && stderr.contains("cannot write"), "{stderr}");
+        assert!(!stderr.contains("openraft"), "a branch started first: {stderr}");
+    }
+}

@@ -196,6 +196,7 @@ async fn run(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let input = distbank::input::load(input_path)?;
+    check_output(output_path)?;
     let branch_ids = input.branch_ids();
     let cluster = LocalCluster::start(
         &branch_ids,
@@ -465,6 +466,7 @@ async fn replay_to_file(
     tls: Option<&tonic::transport::ClientTlsConfig>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
+    check_output(output_path)?;
     let customer_branches: Vec<u64> = {
         let mut ids: Vec<u64> = input.customers.iter().map(|c| c.id).collect();
         ids.sort_unstable();
@@ -548,4 +550,9 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Fails before any branch starts or any event is sent when the output could not be written.
+fn check_output(path: &Path) -> Result<(), UsageError> {
+    output::check_writable(path).map_err(|e| UsageError(format!("output {}: cannot write there: {e}", path.display())))
 }
