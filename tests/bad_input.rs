@@ -217,16 +217,36 @@ fn older_variants_are_accepted() {
     );
 }
 
-/// Flags out of range are usage errors (exit 2, the flag named, no output), not a panic when
-/// a deadline computed from them overflows the clock, and not a cluster that hangs.
-#[test]
-fn flags_out_of_range_are_refused() {
+/// A directory with `in.json` (one branch, one query), for the command-line tests below.
+fn query_input_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(
         dir.path().join("in.json"),
         customer(r#"{"id": 1, "interface": "query"}"#),
     )
     .expect("write");
+    dir
+}
+
+/// Runs `distbank ARGS` in `dir` with `RUST_LOG` set; returns the exit code and stderr.
+fn distbank_in(dir: &Path, args: &[&str], rust_log: &str) -> (Option<i32>, String) {
+    let result = Command::new(env!("CARGO_BIN_EXE_distbank"))
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", rust_log)
+        .output()
+        .expect("distbank runs");
+    (
+        result.status.code(),
+        String::from_utf8_lossy(&result.stderr).into_owned(),
+    )
+}
+
+/// Flags out of range are usage errors (exit 2, the flag named, no output), not a panic when
+/// a deadline computed from them overflows the clock, and not a cluster that hangs.
+#[test]
+fn flags_out_of_range_are_refused() {
+    let dir = query_input_dir();
     for (args, flag) in [
         (
             &["run", "in.json", "--request-timeout", "18446744073709551615"][..],
@@ -279,19 +299,12 @@ fn flags_out_of_range_are_refused() {
             "--tls-reload-secs",
         ),
     ] {
-        let result = Command::new(env!("CARGO_BIN_EXE_distbank"))
-            .args(args)
-            .args(
-                ["-o", "out.json"]
-                    .iter()
-                    .filter(|_| matches!(args[0], "run" | "replay")),
-            )
-            .current_dir(dir.path())
-            .env("RUST_LOG", "off")
-            .output()
-            .expect("distbank runs");
-        let stderr = String::from_utf8_lossy(&result.stderr);
-        assert_eq!(result.status.code(), Some(2), "{args:?}: {stderr}");
+        let mut args = args.to_vec();
+        if matches!(args[0], "run" | "replay") {
+            args.extend(["-o", "out.json"]);
+        }
+        let (code, stderr) = distbank_in(dir.path(), &args, "off");
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(flag), "{args:?}: the message names {flag}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         assert!(!dir.path().join("out.json").exists(), "{args:?} wrote an output");
@@ -302,29 +315,13 @@ fn flags_out_of_range_are_refused() {
 /// repeated when a message already quotes them).
 #[test]
 fn a_data_dir_that_is_a_file_is_named_with_its_cause_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("in.json"),
-        customer(r#"{"id": 1, "interface": "query"}"#),
-    )
-    .expect("write");
+    let dir = query_input_dir();
     std::fs::write(dir.path().join("not-a-dir"), "").expect("write");
-    let result = Command::new(env!("CARGO_BIN_EXE_distbank"))
-        .args(["branch", "--id", "1", "--input", "in.json", "--peers", "1=127.0.0.1:1"])
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--peer-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            "not-a-dir",
-        ])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "off")
-        .output()
-        .expect("distbank runs");
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    let branch = ["branch", "--id", "1", "--input", "in.json", "--peers", "1=127.0.0.1:1"];
+    let listeners = ["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0"];
+    let args = [&branch[..], &listeners[..], &["--data-dir", "not-a-dir"][..]].concat();
+    let (code, stderr) = distbank_in(dir.path(), &args, "off");
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("not-a-dir"), "{stderr}");
     assert_eq!(stderr.matches("os error").count(), 1, "the cause repeated: {stderr}");
 }
@@ -333,22 +330,12 @@ fn a_data_dir_that_is_a_file_is_named_with_its_cause_once() {
 /// the whole replay.
 #[test]
 fn an_output_that_cannot_be_written_is_refused_first() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("in.json"),
-        customer(r#"{"id": 1, "interface": "query"}"#),
-    )
-    .expect("write");
+    let dir = query_input_dir();
     std::fs::create_dir(dir.path().join("a-dir")).expect("mkdir");
     for output in ["a-dir", "missing/out.json"] {
-        let result = Command::new(env!("CARGO_BIN_EXE_distbank"))
-            .args(["--log-format", "json", "run", "in.json", "-o", output])
-            .current_dir(dir.path())
-            .env("RUST_LOG", "info")
-            .output()
-            .expect("distbank runs");
-        let stderr = String::from_utf8_lossy(&result.stderr);
-        assert_eq!(result.status.code(), Some(2), "{output}: {stderr}");
+        let args = ["--log-format", "json", "run", "in.json", "-o", output];
+        let (code, stderr) = distbank_in(dir.path(), &args, "info");
+        assert_eq!(code, Some(2), "{output}: {stderr}");
         assert!(stderr.contains(output) && stderr.contains("cannot write"), "{stderr}");
         assert!(!stderr.contains("openraft"), "a branch started first: {stderr}");
     }
