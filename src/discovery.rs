@@ -17,6 +17,8 @@ pub enum DiscoveryError {
     NoOrdinal { id: u64, offset: u64 },
     #[error("no address for branch {0}")]
     Unknown(u64),
+    #[error("address {address:?} of branch {id}: expected [http(s)://]HOST:PORT with a port from 1 to 65535")]
+    BadAddress { id: u64, address: String },
     #[error("cannot take a branch id from pod name {name:?}: expected NAME-ORDINAL (a StatefulSet pod)")]
     NoOrdinalInName { name: String },
 }
@@ -46,6 +48,7 @@ impl Addresses {
             if addr.is_empty() {
                 return Err(bad());
             }
+            check_address(id, addr)?;
             if map.insert(id, addr.to_string()).is_some() {
                 return Err(DiscoveryError::DuplicatePeer(id));
             }
@@ -77,6 +80,7 @@ impl Addresses {
                         .ok_or(DiscoveryError::NoOrdinal { id, offset: *offset })?;
                     address = address.replace("{ordinal}", &ordinal.to_string());
                 }
+                check_address(id, &address)?;
                 Ok(address)
             }
         }
@@ -85,6 +89,26 @@ impl Addresses {
     /// Addresses for every id in `ids`.
     pub fn resolve_all(&self, ids: &[u64]) -> Result<BTreeMap<u64, String>, DiscoveryError> {
         ids.iter().map(|id| Ok((*id, self.address(*id)?))).collect()
+    }
+}
+
+/// Refuses what no connection could reach: `HOST:PORT`, optionally behind `http://` or
+/// `https://`, with a port from 1 to 65535 (a template such as `127.0.0.1:5005{id}` runs past
+/// it from branch 10 on).
+fn check_address(id: u64, address: &str) -> Result<(), DiscoveryError> {
+    let bad = || DiscoveryError::BadAddress {
+        id,
+        address: address.to_string(),
+    };
+    let rest = address
+        .strip_prefix("http://")
+        .or_else(|| address.strip_prefix("https://"))
+        .unwrap_or(address);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
+    match port.parse::<u16>() {
+        Ok(port) if port > 0 && !host.is_empty() => Ok(()),
+        _ => Err(bad()),
     }
 }
 
@@ -135,6 +159,36 @@ mod tests {
         let by_id = Addresses::template("http://127.0.0.1:{id}", 0).expect("ok");
         assert_eq!(by_id.address(50051).as_deref(), Ok("http://127.0.0.1:50051"));
         assert!(Addresses::template("http://x:1", 1).is_err());
+    }
+
+    #[test]
+    fn addresses_no_connection_could_reach_are_refused() {
+        for good in [
+            "a:1",
+            "http://a:50051",
+            "https://a.b.svc:443/",
+            "[::1]:50051",
+            "10.0.0.1:65535",
+        ] {
+            assert!(Addresses::parse_list(&format!("1={good}")).is_ok(), "{good}");
+        }
+        for bad in ["a", "a:0", "a:99999", "a:port", ":50051", "http://a"] {
+            assert_eq!(
+                Addresses::parse_list(&format!("1={bad}")),
+                Err(DiscoveryError::BadAddress {
+                    id: 1,
+                    address: bad.to_string()
+                }),
+                "{bad}"
+            );
+        }
+        // A template that runs past the port range from branch 10 on.
+        let template = Addresses::template("127.0.0.1:5005{id}", 0).expect("ok");
+        assert!(template.address(9).is_ok());
+        assert!(matches!(
+            template.address(10),
+            Err(DiscoveryError::BadAddress { id: 10, .. })
+        ));
     }
 
     #[test]
