@@ -285,6 +285,10 @@ fn flags_out_of_range_are_refused() {
         (&["bench", "in.json", "--runs", "0"][..], "--runs"),
         (&["bench", "--generate", "1000000x1"][..], "--generate"),
         (
+            &["replay", "in.json", "--branch-addr", "1=a:99999"][..],
+            "--branch-addr",
+        ),
+        (
             &[
                 "branch",
                 "--id",
