@@ -17,6 +17,9 @@
 //! - `distbank_tls_reloads_total{branch,tls,result}`: TLS directories re-read after their files
 //!   changed (`tls="peer"|"customer"`): `reloaded`, or `failed` (the files on disk cannot be
 //!   used; the certificates in use stay, and will expire);
+//! - `distbank_tls_handshake_failures_total{branch,listener}`: clients whose TLS handshake
+//!   failed (no certificate, another CA, plaintext); after a certificate change, how a
+//!   refused peer shows;
 //! - `distbank_ready{branch}`: the readiness health status.
 //!
 //! Without `--metrics-listen` nothing is recorded ([`enabled`] is false).
@@ -83,6 +86,12 @@ struct TlsReloadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    branch: u64,
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabels {
     branch: u64,
     peer: u64,
@@ -96,6 +105,7 @@ struct Metrics {
     read_indexes: Family<ReadIndexLabels, Counter>,
     pre_votes: Family<PreVoteLabels, Counter>,
     tls_reloads: Family<TlsReloadLabels, Counter>,
+    tls_handshake_failures: Family<ListenerLabels, Counter>,
     peer_up: Family<PeerLabels, Gauge>,
     ready: Family<BranchLabels, Gauge>,
     term: Family<BranchLabels, Gauge>,
@@ -161,6 +171,12 @@ impl Metrics {
             "TLS directories re-read after their files changed: reloaded, or failed (the certificates in use stay)",
             tls_reloads.clone(),
         );
+        let tls_handshake_failures = Family::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Clients whose TLS handshake failed on a listener (no certificate, another CA, plaintext)",
+            tls_handshake_failures.clone(),
+        );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
             let family = Family::<BranchLabels, Gauge>::default();
             registry.register(name, help, family.clone());
@@ -205,6 +221,7 @@ impl Metrics {
             read_indexes,
             pre_votes,
             tls_reloads,
+            tls_handshake_failures,
             peer_up,
             ready,
             term,
@@ -317,6 +334,15 @@ pub fn record_tls_reload(branch: NodeId, tls: &'static str, reloaded: bool) {
         let result = if reloaded { "reloaded" } else { "failed" };
         m.tls_reloads
             .get_or_create(&TlsReloadLabels { branch, tls, result })
+            .inc();
+    }
+}
+
+/// Counts one failed TLS handshake on `listener` (peer or customer) of `branch`.
+pub fn record_tls_handshake_failure(branch: NodeId, listener: &'static str) {
+    if let Some(m) = metrics() {
+        m.tls_handshake_failures
+            .get_or_create(&ListenerLabels { branch, listener })
             .inc();
     }
 }

@@ -91,14 +91,16 @@ struct TlsCluster {
     branches: Vec<BranchProcess>,
     peer_ports: Vec<u16>,
     health_ports: Vec<u16>,
+    metrics_ports: Vec<u16>,
 }
 
 /// Three branches of `input` with mutual TLS between them and TLS on the customer API.
 fn start_tls_cluster(dir: &Path, input: &Path, pki: &Pki) -> TlsCluster {
     let secrets = secret_dir(dir, "tls", pki);
-    let ports = free_ports(9);
+    let ports = free_ports(12);
     let (customer_ports, rest) = ports.split_at(3);
-    let (peer_ports, health_ports) = rest.split_at(3);
+    let (peer_ports, rest) = rest.split_at(3);
+    let (health_ports, metrics_ports) = rest.split_at(3);
     let peers = (0..3)
         .map(|i| format!("{}=127.0.0.1:{}", i + 1, peer_ports[i]))
         .collect::<Vec<_>>()
@@ -114,7 +116,11 @@ fn start_tls_cluster(dir: &Path, input: &Path, pki: &Pki) -> TlsCluster {
                 peers: peers.clone(),
                 data_dir: dir.join(format!("data-{id}")),
                 log: dir.join(format!("branch-{id}.log")),
-                args: tls_args(&secrets, health_ports[i]),
+                args: [
+                    tls_args(&secrets, health_ports[i]),
+                    vec!["--metrics-listen".into(), format!("127.0.0.1:{}", metrics_ports[i])],
+                ]
+                .concat(),
             })
         })
         .collect();
@@ -122,6 +128,7 @@ fn start_tls_cluster(dir: &Path, input: &Path, pki: &Pki) -> TlsCluster {
         branches,
         peer_ports: peer_ports.to_vec(),
         health_ports: health_ports.to_vec(),
+        metrics_ports: metrics_ports.to_vec(),
     }
 }
 
@@ -302,6 +309,21 @@ async fn clients_without_the_right_certificate_are_refused_and_change_nothing() 
         Ok(mut client) => submit_deposit(&mut client, None, 1_000_000).await.is_err(),
     };
     assert!(plaintext, "a plaintext peer client was accepted");
+    // Each refusal is counted on the attacked branch's peer listener.
+    let index = cluster
+        .peer_ports
+        .iter()
+        .position(|p| *p == port)
+        .expect("a branch's port");
+    let metrics = support::scrape(&format!("127.0.0.1:{}", cluster.metrics_ports[index]), WAIT).await;
+    let failures = format!(
+        r#"distbank_tls_handshake_failures_total{{branch="{}",listener="peer"}}"#,
+        index + 1
+    );
+    assert!(
+        metrics.get(&failures).is_some_and(|count| *count >= 3.0),
+        "{failures} after three refused clients: {metrics:#?}"
+    );
 
     // Customers: plaintext, or a client that trusts another CA, get nowhere.
     let plain = Addresses::Static(

@@ -219,10 +219,14 @@ async fn serve(
     let customer_incoming = Incoming::new(
         TcpIncoming::from(customer).with_nodelay(Some(true)),
         config.tls.customer.clone(),
+        config.id,
+        "customer",
     );
     let peer_incoming = Incoming::new(
         TcpIncoming::from(peer).with_nodelay(Some(true)),
         config.tls.peer.clone(),
+        config.id,
+        "peer",
     );
 
     let customer_stop = CancellationToken::new();

@@ -297,15 +297,21 @@ pub struct Incoming {
     tcp: TcpIncoming,
     tls: Option<Arc<CertDir>>,
     handshakes: JoinSet<io::Result<TlsStream<TcpStream>>>,
+    /// For the failed-handshake metric: the branch and which of its listeners.
+    branch: u64,
+    listener: &'static str,
 }
 
 impl Incoming {
-    /// `tcp`'s connections, over TLS from `tls` when given.
-    pub fn new(tcp: TcpIncoming, tls: Option<Arc<CertDir>>) -> Incoming {
+    /// `tcp`'s connections, over TLS from `tls` when given; `listener` names it (`peer`,
+    /// `customer`) in the failed-handshake metric of `branch`.
+    pub fn new(tcp: TcpIncoming, tls: Option<Arc<CertDir>>, branch: u64, listener: &'static str) -> Incoming {
         Incoming {
             tcp,
             tls,
             handshakes: JoinSet::new(),
+            branch,
+            listener,
         }
     }
 }
@@ -338,8 +344,12 @@ impl Stream for Incoming {
             match this.handshakes.poll_join_next(cx) {
                 Poll::Ready(Some(Ok(Ok(stream)))) => return Poll::Ready(Some(Ok(Conn::Tls(Box::new(stream))))),
                 // A client that failed its handshake (no certificate, another CA, plaintext)
-                // is that client's problem, not the listener's.
-                Poll::Ready(Some(Ok(Err(e)))) => tracing::debug!(error = %e, "TLS handshake failed"),
+                // is that client's problem, not the listener's; counted, since after a
+                // certificate change it is how a peer that is refused shows.
+                Poll::Ready(Some(Ok(Err(e)))) => {
+                    crate::metrics::record_tls_handshake_failure(this.branch, this.listener);
+                    tracing::debug!(branch = this.branch, listener = this.listener, error = %e, "TLS handshake failed");
+                }
                 Poll::Ready(Some(Err(e))) => tracing::debug!(error = %e, "TLS handshake task failed"),
                 Poll::Ready(None) | Poll::Pending => return Poll::Pending,
             }
