@@ -87,7 +87,8 @@ fn error_message(error: &anyhow::Error) -> String {
     let mut message = String::new();
     for cause in error.chain() {
         let text = cause.to_string();
-        if message.contains(&text) {
+        // Quoted as a whole segment (after ": "), not merely as some substring.
+        if message.contains(&format!(": {text}")) {
             continue;
         }
         if !message.is_empty() {
