@@ -303,15 +303,27 @@ print(s["serviceName"], c["readinessProbe"]["grpc"]["port"], c["ports"][0]["cont
     victim="$sts-$((last_customer - 1))"
     old_ip="$(container_ip "${NS}_$victim")"
     old_uid="$(k get pod "$victim" -o jsonpath='{.metadata.uid}')"
-    wait_for "the replay to start" sh -c "podman logs '$jc' 2>&1 | grep -q 'replay started'"
+    # React to the replay's start at once: on a fast machine the whole replay takes about a
+    # second and reaches the victim halfway through, so a half-second poll could miss it.
+    local started_by=$((SECONDS + TIMEOUT))
+    until podman logs "$jc" 2>&1 | grep -q 'replay started'; do
+      ((SECONDS < started_by)) || die "timed out after ${TIMEOUT}s waiting for the replay to start"
+      sleep 0.05
+    done
+    podman kill -s KILL "${NS}_$victim" >/dev/null
     podman rm -f -t 0 "${NS}_$victim" >/dev/null
     log "fault: removed $victim ($old_ip) mid-replay; deleting its Pod so the StatefulSet controller recreates it"
     k delete pod "$victim" --wait=false >/dev/null
     wait_for "a new $victim Pod" new_pod "$victim" "$old_uid"
     # Bring it back only once the replay has run into the missing branch (so the fault hits
     # the replay on any machine speed); the retry budget (60 s) covers the restart.
-    wait_for "the replay to retry against the missing $victim" \
-      sh -c "podman logs '$jc' 2>&1 | grep -q 'retrying with the same event id'"
+    local retried_by=$((SECONDS + TIMEOUT))
+    until podman logs "$jc" 2>&1 | grep -q 'retrying with the same event id'; do
+      [[ "$(podman inspect --format '{{.State.Status}}' "$jc")" == running ]] ||
+        die "the replay ended before the fault reached $victim: nothing was tested"
+      ((SECONDS < retried_by)) || die "timed out after ${TIMEOUT}s waiting for the replay to retry against the missing $victim"
+      sleep 0.5
+    done
     # Hold the old address so the replacement gets a new one, as a rescheduled pod would.
     CONTAINERS+=("${NS}_ip-holder")
     podman run -d --name "${NS}_ip-holder" --network "$NET" --ip "$old_ip" --pull never "$HOLDER_IMAGE" sleep infinity >/dev/null
