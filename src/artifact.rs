@@ -153,24 +153,9 @@ pub fn classify(error: kube::Error, namespace: &str, name: &str) -> ArtifactErro
         other => ArtifactError::Unreachable {
             namespace,
             name,
-            message: error_chain(&other),
+            message: crate::error_chain(&other),
         },
     }
-}
-
-/// An error and its sources on one line ("connection refused" is usually a few levels down).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// The output stored in `config_map` (plain or gzip), as written by [`upload`].
@@ -194,7 +179,7 @@ pub async fn fetch(client: kube::Client, namespace: &str, name: &str) -> Result<
     let config_map = match api.get_opt(name).await {
         Ok(Some(config_map)) => config_map,
         Ok(None) => return Err(FetchError::NotFound(format!("{namespace}/{name}"))),
-        Err(error) => return Err(FetchError::Api(error_chain(&error))),
+        Err(error) => return Err(FetchError::Api(crate::error_chain(&error))),
     };
     output_from(&config_map)
 }
@@ -216,7 +201,7 @@ pub enum FetchError {
 pub async fn client_from_env() -> Result<(kube::Client, String), ArtifactError> {
     let client = kube::Client::try_default()
         .await
-        .map_err(|e| ArtifactError::Config(error_chain(&e)))?;
+        .map_err(|e| ArtifactError::Config(crate::error_chain(&e)))?;
     let namespace = std::env::var("POD_NAMESPACE")
         .ok()
         .filter(|ns| !ns.is_empty())

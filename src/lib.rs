@@ -63,3 +63,20 @@ pub mod transport;
 
 /// The original implementation's port scheme: branch N listens on `BASE_PORT + N`.
 pub const BASE_PORT: u16 = 50050;
+
+/// An error and its sources on one line ("connection refused" is usually a few levels down).
+/// Many errors already quote their source in their own message; a source the line holds as a
+/// whole segment (after ": ") is not repeated.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if cause_text != text && !text.contains(&format!(": {cause_text}")) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -35,7 +35,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -118,6 +118,12 @@ struct Metrics {
     branches: Mutex<BTreeMap<NodeId, Branch>>,
 }
 
+/// Registers `metric` and hands it back (a family is a handle to state the registry shares).
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 fn latency_histogram() -> Histogram {
     // 0.5 ms .. ~16 s: a loopback commit takes about a millisecond, a stalled one seconds.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -133,54 +139,50 @@ fn batch_size_histogram() -> Histogram {
 impl Metrics {
     fn new() -> Metrics {
         let mut registry = Registry::with_prefix("distbank");
-        let operations = Family::default();
-        registry.register(
+        let operations = registered(
+            &mut registry,
             "operations",
             "Customer operations by branch, operation and result",
-            operations.clone(),
+            Family::default(),
         );
-        let latency: Family<LatencyLabels, Histogram, fn() -> Histogram> =
-            Family::new_with_constructor(latency_histogram);
-        registry.register(
+        let latency: Family<LatencyLabels, Histogram, fn() -> Histogram> = registered(
+            &mut registry,
             "operation_duration_seconds",
             "Time to answer a customer operation (consensus included)",
-            latency.clone(),
+            Family::new_with_constructor(latency_histogram),
         );
-        let batch_size: Family<BatchLabels, Histogram, fn() -> Histogram> =
-            Family::new_with_constructor(batch_size_histogram);
-        registry.register(
+        let batch_size: Family<BatchLabels, Histogram, fn() -> Histogram> = registered(
+            &mut registry,
             "writes_per_batch",
             "Writes per log entry (kind=entry, on the leader) and per forwarded Submit (kind=forward)",
-            batch_size.clone(),
+            Family::new_with_constructor(batch_size_histogram),
         );
-        let read_indexes = Family::default();
-        registry.register(
+        let read_indexes = registered(
+            &mut registry,
             "read_index",
             "On the leader: read indexes given from its lease (path=lease) or after a quorum round (path=quorum)",
-            read_indexes.clone(),
+            Family::default(),
         );
-        let pre_votes = Family::default();
-        registry.register(
+        let pre_votes = registered(
+            &mut registry,
             "pre_votes",
             "Pre-vote rounds of a voter that heard from no leader: won (an election follows) or lost",
-            pre_votes.clone(),
+            Family::default(),
         );
-        let tls_reloads = Family::default();
-        registry.register(
+        let tls_reloads = registered(
+            &mut registry,
             "tls_reloads",
             "TLS directories re-read after their files changed: reloaded, or failed (the certificates in use stay)",
-            tls_reloads.clone(),
+            Family::default(),
         );
-        let tls_handshake_failures = Family::default();
-        registry.register(
+        let tls_handshake_failures = registered(
+            &mut registry,
             "tls_handshake_failures",
             "Clients whose TLS handshake failed on a listener (no certificate, another CA, plaintext)",
-            tls_handshake_failures.clone(),
+            Family::default(),
         );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
-            let family = Family::<BranchLabels, Gauge>::default();
-            registry.register(name, help, family.clone());
-            family
+            registered(registry, name, help, Family::<BranchLabels, Gauge>::default())
         };
         let ready = gauge(&mut registry, "ready", "1 while the readiness health status is SERVING");
         let term = gauge(&mut registry, "raft_current_term", "Raft term");
@@ -201,17 +203,17 @@ impl Metrics {
             "raft_apply_lag_entries",
             "Log entries this replica holds but has not applied yet",
         );
-        let replication_lag = Family::<PeerLabels, Gauge>::default();
-        registry.register(
+        let replication_lag = registered(
+            &mut registry,
             "raft_replication_lag_entries",
             "On the leader: entries a peer is behind the leader's log",
-            replication_lag.clone(),
+            Family::<PeerLabels, Gauge>::default(),
         );
-        let peer_up = Family::<PeerLabels, Gauge>::default();
-        registry.register(
+        let peer_up = registered(
+            &mut registry,
             "peer_up",
             "1 if the last Raft RPC to the peer got an answer, 0 if it failed",
-            peer_up.clone(),
+            Family::<PeerLabels, Gauge>::default(),
         );
         Metrics {
             registry,

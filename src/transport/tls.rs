@@ -129,10 +129,6 @@ impl CertDir {
         }))
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn current(&self) -> Arc<Loaded> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }

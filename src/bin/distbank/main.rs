@@ -70,7 +70,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("distbank: error: {}", error_message(&e));
+            eprintln!("distbank: error: {}", distbank::error_chain(&*e));
             if e.downcast_ref::<InputError>().is_some() || e.downcast_ref::<UsageError>().is_some() {
                 ExitCode::from(2)
             } else {
@@ -78,23 +78,4 @@ fn main() -> ExitCode {
             }
         }
     }
-}
-
-/// The error and its causes on one line. anyhow's `{:#}` appends every cause, but many of the
-/// library's errors already quote their source in their own message, which then read two or
-/// three times over; a cause the line already holds is left out.
-fn error_message(error: &anyhow::Error) -> String {
-    let mut message = String::new();
-    for cause in error.chain() {
-        let text = cause.to_string();
-        // Quoted as a whole segment (after ": "), not merely as some substring.
-        if message.contains(&format!(": {text}")) {
-            continue;
-        }
-        if !message.is_empty() {
-            message.push_str(": ");
-        }
-        message.push_str(&text);
-    }
-    message
 }
