@@ -158,6 +158,8 @@ impl LocalCluster {
                 request_timeout: options.request_timeout,
                 data_dir: options.data_dir.as_ref().map(|dir| dir.join(format!("branch-{id}"))),
                 tls: Default::default(),
+                // All stop together: nobody to hand over to.
+                hand_off_leadership: false,
             };
             let shutdown = cluster.shutdown.child_token();
             let start = async move {

@@ -27,7 +27,8 @@
 //!   ([`replication::piggyback`]: learners get each entry with its commit, one message per write;
 //!   [`replication::demand`]: learners no customer waits on get the writes in batches).
 //!   Elections are openraft's, but when a voter campaigns is the branch's own decision: only
-//!   after a pre-vote round finds a majority (the `election` module of [`branch`]).
+//!   after a pre-vote round finds a majority (the `election` module of [`branch`]), or at once
+//!   when a leader that is stopping asks it to take over (`handoff`, Raft's TimeoutNow).
 //! - [`account`] is the state machine itself, pure: balance, withdraw-fails-when-short, the
 //!   event-id → result table.
 //! - [`output`] writes the course-format output.json atomically.

@@ -1,6 +1,7 @@
 //! A Jepsen-style fault test. Five `distbank branch` processes (all voting, each with a data
 //! directory) serve concurrent clients while a nemesis SIGKILLs and restarts branches (the
-//! leader on every other kill) and cuts one branch off from the others. Every peer connection
+//! leader on every other kill; every other time the leader is stopped with SIGTERM instead, so
+//! that it hands the leadership over under load) and cuts one branch off from the others. Every peer connection
 //! goes through a TCP proxy in this test (`support/proxy.rs`: branch A reaches branch B at the
 //! proxy for A→B), so a partition is exact: the proxies to and from the victim refuse new
 //! connections and drop open ones.
@@ -133,12 +134,16 @@ async fn client(
 struct Faults {
     kills: u32,
     leader_kills: u32,
+    /// The leader stopped with SIGTERM: it hands the leadership over before it exits.
+    leader_stops: u32,
     partitions: u32,
     leader_partitions: u32,
     /// Restart → SERVING (recovered from disk and caught up).
     restart_recovery: Vec<Duration>,
     /// Leader killed → another branch leads.
     failover: Vec<Duration>,
+    /// SIGTERM to the leader → another branch leads (the old one's exit included).
+    handoff: Vec<Duration>,
     /// Heal → the isolated branch answers a linearizable read again.
     heal_recovery: Vec<Duration>,
     timeline: Vec<String>,
@@ -189,10 +194,19 @@ async fn nemesis(cluster: &mut Cluster, seed: u64, start: Instant) -> Faults {
                 rng.random_range(1..=BRANCHES)
             };
             let killed = Instant::now();
-            cluster.branch(victim).kill9();
-            faults.kills += 1;
+            let graceful = victim == leader && round % 8 == 5;
+            if graceful {
+                let status = cluster.branch(victim).terminate(WAIT);
+                assert_eq!(status.code(), Some(0), "the leader exits cleanly after SIGTERM");
+                faults.leader_stops += 1;
+            } else {
+                cluster.branch(victim).kill9();
+                faults.kills += 1;
+            }
             if victim == leader {
-                faults.leader_kills += 1;
+                if !graceful {
+                    faults.leader_kills += 1;
+                }
                 let others: BTreeMap<u64, String> = cluster
                     .direct_peers
                     .iter()
@@ -200,14 +214,19 @@ async fn nemesis(cluster: &mut Cluster, seed: u64, start: Instant) -> Faults {
                     .map(|(id, addr)| (*id, addr.clone()))
                     .collect();
                 wait_leader(&others, WAIT).await;
-                faults.failover.push(killed.elapsed());
+                if graceful {
+                    faults.handoff.push(killed.elapsed());
+                } else {
+                    faults.failover.push(killed.elapsed());
+                }
             }
             tokio::time::sleep(Duration::from_millis(rng.random_range(1000..3000))).await;
             cluster.branch(victim).restart();
             let recovery = wait_serving(&[&cluster.branches[victim as usize - 1]], WAIT).await;
             faults.restart_recovery.push(recovery);
             faults.timeline.push(format!(
-                "{at:.1}s kill -9 branch {victim}{} (down {:.1}s, SERVING {:.0} ms after restart)",
+                "{at:.1}s {} branch {victim}{} (down {:.1}s, SERVING {:.0} ms after restart)",
+                if graceful { "SIGTERM" } else { "kill -9" },
                 if victim == leader { " (leader)" } else { "" },
                 killed.elapsed().as_secs_f64() - recovery.as_secs_f64(),
                 recovery.as_secs_f64() * 1e3
@@ -364,8 +383,8 @@ async fn nemesis_run(seed: u64) {
     let failed = history.iter().filter(|c| c.ret == Ret::Fail).count();
     println!(
         "nemesis (seed {seed}): {} operations ({deposits} deposits, {withdrawals} withdrawals of which {failed} refused, {} queries) \
-         from {CLIENTS} clients on {BRANCHES} branches in {:.1}s, {} retries; kills: {} ({} of the leader), partitions: {} ({} of the leader); \
-         recovery: restart→SERVING {}, leader failover {}, heal→read {}; final balance {expected} on every replica; \
+         from {CLIENTS} clients on {BRANCHES} branches in {:.1}s, {} retries; kills: {} ({} of the leader), leader stops: {}, partitions: {} ({} of the leader); \
+         recovery: restart→SERVING {}, leader failover {}, hand-off on SIGTERM {}, heal→read {}; final balance {expected} on every replica; \
          {} acknowledged writes all recorded (audited round robin over the replicas in {:.1}s); linearizable: true (checked in {:.0} ms); \
          test {:.1}s (start-up {:.1}s)",
         history.len(),
@@ -374,10 +393,12 @@ async fn nemesis_run(seed: u64) {
         counters.retries.load(Ordering::Relaxed),
         faults.kills,
         faults.leader_kills,
+        faults.leader_stops,
         faults.partitions,
         faults.leader_partitions,
         summary(&faults.restart_recovery),
         summary(&faults.failover),
+        summary(&faults.handoff),
         summary(&faults.heal_recovery),
         writes.len(),
         audit.elapsed().as_secs_f64(),

@@ -3,14 +3,15 @@
 //! lease reads linearizable: followers elect no other leader before then). With
 //! `--read-mode quorum` every read takes a round, so a cut-off leader refuses at once.
 
+mod support;
+
 use std::time::Duration;
 
 use distbank::account::{Operation, Outcome};
-use distbank::branch::{self, BranchConfig, BranchError, RunningBranch};
+use distbank::branch::{BranchConfig, BranchError};
 use distbank::replication::RaftTiming;
-use tokio::net::TcpListener;
+use support::Member;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -18,72 +19,25 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 /// (1.5 T) even on a slow machine.
 const ELECTION_TIMEOUT_MS: u64 = 8_000;
 
-struct Member {
-    running: RunningBranch,
-    stop: CancellationToken,
-}
-
 /// Three voting branches in this process, each with its own shutdown token.
 async fn three_voters(read_lease: bool) -> Vec<Member> {
-    let mut listeners = Vec::new();
-    for _ in 0..3 {
-        let customer = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let peer = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        listeners.push((customer, peer));
-    }
-    let members = (1..=3u64)
-        .zip(&listeners)
-        .map(|(id, (_, peer))| (id, peer.local_addr().unwrap().to_string()))
-        .collect();
-    let mut started = Vec::new();
-    for (id, (customer, peer)) in (1..=3u64).zip(listeners) {
-        let config = BranchConfig {
-            id,
-            initial_balance: 100,
-            members: Clone::clone(&members),
-            voters: 3,
-            timing: RaftTiming {
-                election_timeout_min_ms: ELECTION_TIMEOUT_MS,
-                election_timeout_max_ms: 2 * ELECTION_TIMEOUT_MS,
-                read_lease,
-                ..RaftTiming::default()
-            },
-            // Short, so that a read the leader cannot confirm fails quickly.
-            request_timeout: Duration::from_secs(1),
-            data_dir: None,
-            tls: Default::default(),
-        };
-        let stop = CancellationToken::new();
-        let running = branch::start(config, customer, peer, stop.clone()).await.unwrap();
-        started.push(Member { running, stop });
-    }
-    for member in &started {
-        tokio::time::timeout(TIMEOUT, member.running.ready())
-            .await
-            .expect("serving");
-    }
-    started
-}
-
-/// Where the leader is among `members`, once they agree on one.
-async fn leader_index(members: &[Member]) -> usize {
-    tokio::time::timeout(TIMEOUT, async {
-        loop {
-            if let Some(leader) = members[0].running.branch.raft().current_leader().await
-                && let Some(at) = members.iter().position(|m| m.running.branch.id() == leader)
-            {
-                return at;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    support::start_members(3, |config| BranchConfig {
+        timing: RaftTiming {
+            election_timeout_min_ms: ELECTION_TIMEOUT_MS,
+            election_timeout_max_ms: 2 * ELECTION_TIMEOUT_MS,
+            read_lease,
+            ..RaftTiming::default()
+        },
+        // Short, so that a read the leader cannot confirm fails quickly.
+        request_timeout: Duration::from_secs(1),
+        ..config
     })
     .await
-    .expect("a leader")
 }
 
 /// Splits off the leader; the other two are stopped and gone when this returns.
 async fn stop_followers(mut members: Vec<Member>) -> Member {
-    let leader = members.swap_remove(leader_index(&members).await);
+    let leader = members.swap_remove(support::leader_index(&members).await);
     for follower in members {
         follower.stop.cancel();
         tokio::time::timeout(TIMEOUT, follower.running.join())
@@ -102,7 +56,7 @@ async fn read(member: &Member) -> Result<Outcome, BranchError> {
 #[tokio::test]
 async fn a_cut_off_leader_answers_reads_from_its_lease_until_it_ends() {
     let members = three_voters(true).await;
-    let leader = &members[leader_index(&members).await];
+    let leader = &members[support::leader_index(&members).await];
     let written = tokio::time::timeout(TIMEOUT, leader.running.branch.execute(Some(1), Operation::Deposit(50)))
         .await
         .expect("the deposit is answered");

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Branch;
+use super::handoff::Urgency;
 use crate::proto::peer::RaftPayload;
 use crate::replication::{NodeId, RaftTiming, codec, random_below};
 
@@ -231,48 +232,68 @@ pub(super) async fn campaign(branch: Branch, timing: RaftTiming, stop: Cancellat
     // Often enough that an election starts within a fraction of the timeout of being due.
     let tick = Duration::from_millis((timing.heartbeat_ms / 2).max(10));
     let metrics = branch.raft().metrics();
+    let hand_off = branch.inner.hand_off.clone();
+    hand_off.set_campaigning(true);
     let mut timeout = random_timeout(&timing);
     let mut not_before = Instant::now();
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             _ = tokio::time::sleep(tick) => {}
+            // A stopping leader asked this branch to take over (the `handoff` module).
+            _ = hand_off.asked() => {}
         }
         // Cheap checks first: learners (most branches) and the leader never go further.
-        {
+        let leader = {
             let m = metrics.borrow();
             if m.state == ServerState::Leader
                 || !m.membership_config.membership().voter_ids().any(|id| id == branch.id())
             {
                 continue;
             }
-        }
+            m.current_leader
+        };
         let now = Instant::now();
-        if now < not_before {
+        let urgency = hand_off.urgency(now, leader);
+        if urgency == Urgency::None && now < not_before {
             continue;
         }
         let Some(standing) = branch.standing().await else {
-            return;
+            break;
         };
-        if !election_due(&standing, now, lease, timeout) {
+        if urgency == Urgency::None && !election_due(&standing, now, lease, timeout) {
             continue;
         }
-        let elect = branch.pre_vote(&standing, timeout).await;
-        crate::metrics::record_pre_vote(branch.id(), elect);
-        if elect {
-            tracing::info!(branch = branch.id(), "pre-vote won: starting an election");
-            if branch.raft().trigger().elect().await.is_err() {
-                return;
-            }
+        let elect = if urgency == Urgency::Elect {
+            true
         } else {
+            let won = branch.pre_vote(&standing, timeout).await;
+            crate::metrics::record_pre_vote(branch.id(), won);
+            won
+        };
+        if elect {
+            if urgency == Urgency::Elect {
+                tracing::info!(
+                    branch = branch.id(),
+                    "asked by the stopping leader: starting an election"
+                );
+            } else {
+                tracing::info!(branch = branch.id(), "pre-vote won: starting an election");
+            }
+            if branch.raft().trigger().elect().await.is_err() {
+                break;
+            }
+        } else if urgency == Urgency::None {
             tracing::info!(
                 branch = branch.id(),
                 "no leader heard from, but no majority would elect this branch: not campaigning"
             );
         }
+        // Asked by the leader: try again at the next tick while the request holds.
         timeout = random_timeout(&timing);
         not_before = Instant::now() + timeout;
     }
+    hand_off.set_campaigning(false);
 }
 
 #[cfg(test)]

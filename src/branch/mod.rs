@@ -10,11 +10,14 @@
 //!
 //! Around them, in private modules: `server` runs a branch (its two gRPC listeners, start-up, shutdown),
 //! `membership` forms the cluster (voters, then every other branch as a non-voting replica),
-//! `election` decides when a voter campaigns (pre-vote),
+//! `election` decides when a voter campaigns (pre-vote), `handoff` moves the leadership
+//! away from a leader that stops (TimeoutNow),
 //! `readiness` is what its health service reports.
 
 mod election;
 pub use election::{PreVoteReply, PreVoteRequest};
+mod handoff;
+pub use handoff::{HandOff, TimeoutNowReply, TimeoutNowRequest};
 mod membership;
 mod readiness;
 mod server;
@@ -69,6 +72,9 @@ pub struct BranchConfig {
     /// Where the consensus state is kept across restarts; `None` = in memory only.
     pub data_dir: Option<PathBuf>,
     pub tls: BranchTls,
+    /// When this branch stops while it leads, hand the leadership to another voter first
+    /// (`handoff`). Off for branches that all stop together (one process, `distbank run`).
+    pub hand_off_leadership: bool,
 }
 
 /// Optional TLS on a branch's listeners and peer connections.
@@ -147,6 +153,8 @@ struct Inner {
     proposals: Batcher<Proposed, Result<Committed, SubmitError>>,
     /// ...and writes it forwards to the leader, grouped into `Submit` calls.
     forwards: Batcher<(NodeId, Proposed), Result<Committed, String>>,
+    /// Proposals stopped by a hand-off; the campaign a stopping leader asked for.
+    hand_off: Arc<handoff::HandOffState>,
 }
 
 /// One try at the leader, in [`Branch::with_leader`].
@@ -167,6 +175,7 @@ pub struct Committed {
 impl Branch {
     /// Wires a branch's operations to its Raft instance, replica and peer connections.
     fn new(config: &BranchConfig, raft: Raft, state: StateMachine, log: LogStore, peers: PeerChannels) -> Branch {
+        let hand_off = Arc::new(handoff::HandOffState::new());
         Branch {
             inner: Arc::new_cyclic(|inner: &std::sync::Weak<Inner>| {
                 // The rounds hold a weak handle: the coalescers' tasks end with the branch.
@@ -197,8 +206,9 @@ impl Branch {
                     read_indexes: Coalescer::new(round(false)),
                     leader_read_indexes: Coalescer::new(round(true)),
                     proposals: Batcher::new(BATCHES_IN_FLIGHT, MAX_WRITES_PER_BATCH, {
-                        let (raft, id, timeout) = (raft.clone(), config.id, config.request_timeout);
-                        move |writes| Box::pin(propose(raft.clone(), id, timeout, writes))
+                        let (raft, id, timeout, hand_off) =
+                            (raft.clone(), config.id, config.request_timeout, hand_off.clone());
+                        move |writes| Box::pin(propose(raft.clone(), id, timeout, hand_off.clone(), writes))
                     }),
                     forwards: Batcher::new(BATCHES_IN_FLIGHT, MAX_WRITES_PER_BATCH, {
                         let (raft, peers, id, timeout) =
@@ -207,6 +217,7 @@ impl Branch {
                     }),
                     raft,
                     peers,
+                    hand_off,
                 }
             }),
         }
@@ -471,6 +482,11 @@ impl Branch {
             })
             .await
             .ok()?;
+        // Checked after the snapshot: a hand-off begun after it asks a voter to campaign out of
+        // turn (without waiting out any lease) only later.
+        if self.inner.hand_off.handing_off() {
+            return None;
+        }
         let committed = committed?;
         let leads = vote.is_committed() && vote.leader_id().voted_for() == Some(me);
         if !leads || committed.leader_id != *vote.leader_id() {
@@ -567,16 +583,22 @@ const MAX_WRITES_PER_BATCH: usize = 256;
 const BATCHES_IN_FLIGHT: usize = 1;
 
 /// Proposes one batch of writes as one log entry; every write gets the entry's fate. Bounded
-/// by `timeout`: the next batch waits for this one, so it must not wait forever.
+/// by `timeout`: the next batch waits for this one, so it must not wait forever. A leader
+/// handing off proposes nothing more: its writers go to the next leader.
 async fn propose(
     raft: Raft,
     branch: NodeId,
     timeout: Duration,
+    hand_off: Arc<handoff::HandOffState>,
     writes: Vec<Proposed>,
 ) -> Vec<Result<Committed, SubmitError>> {
     let count = writes.len();
     metrics::record_batch(branch, "entry", count);
-    let Ok(result) = tokio::time::timeout(timeout, raft.client_write(Proposal { writes })).await else {
+    let write = tokio::time::timeout(timeout, raft.client_write(Proposal { writes }));
+    let Some(result) = hand_off.propose(write).await else {
+        return vec![Err(SubmitError::NotLeader); count];
+    };
+    let Ok(result) = result else {
         return vec![Err(SubmitError::Unavailable(format!("no commit within {timeout:?}"))); count];
     };
     match result {

@@ -16,7 +16,7 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use super::election::campaign;
 use super::membership::manage_membership;
 use super::readiness::{LIVENESS, await_readiness, set_readiness};
-use super::{Branch, BranchConfig, BranchError, MAX_CUSTOMER_MESSAGE, MAX_CUSTOMER_REQUESTS_PER_CONNECTION};
+use super::{Branch, BranchConfig, BranchError, HandOff, MAX_CUSTOMER_MESSAGE, MAX_CUSTOMER_REQUESTS_PER_CONNECTION};
 use crate::metrics;
 use crate::proto::bank::bank_server::{Bank, BankServer};
 use crate::proto::peer::peer_server::PeerServer;
@@ -309,9 +309,13 @@ async fn serve(
     }
     let _ = readiness_task.await;
     let _ = election_task.await;
-    // Drain customers first (their requests need consensus), then stop Raft, then peers.
+    // Drain customers first (their requests need consensus), hand the leadership over, then
+    // stop Raft, then peers (the hand-off needs them).
     customer_stop.cancel();
     let customer_result = customer_server.await;
+    if config.hand_off_leadership && fatal.is_none() {
+        log_hand_off(config.id, branch.hand_off_leadership().await);
+    }
     if let Err(e) = branch.raft().shutdown().await {
         tracing::warn!(branch = config.id, error = %e, "Raft did not stop cleanly");
     }
@@ -334,6 +338,23 @@ async fn serve(
     match fatal {
         None => Ok(()),
         Some(fatal) => Err(BranchError::RaftStopped(fatal)),
+    }
+}
+
+fn log_hand_off(branch: u64, outcome: HandOff) {
+    match outcome {
+        HandOff::NotLeader | HandOff::NoOtherVoter => {}
+        HandOff::Moved { to, after } => tracing::info!(
+            branch,
+            to,
+            after_ms = after.as_secs_f64() * 1e3,
+            "handed the leadership over"
+        ),
+        HandOff::Failed(why) => tracing::warn!(
+            branch,
+            reason = %why,
+            "leadership hand-off failed: the voters elect a leader after the election timeout"
+        ),
     }
 }
 

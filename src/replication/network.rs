@@ -578,6 +578,10 @@ mod tests {
             Err(Status::unimplemented("pre_vote"))
         }
 
+        async fn timeout_now(&self, _: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("timeout_now"))
+        }
+
         async fn install_snapshot(&self, _: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
             Err(Status::unimplemented("install_snapshot"))
         }

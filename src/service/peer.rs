@@ -1,6 +1,7 @@
 //! The peer-only API: Raft's messages (opaque bincode payloads), the pre-vote a voter asks
-//! before it campaigns (`PreVote`, bincode too), and the two branch-level calls a non-leader
-//! needs from the leader, `Submit` and `ReadIndex`.
+//! before it campaigns (`PreVote`, bincode too), a stopping leader's request that a voter take
+//! over (`TimeoutNow`, bincode), and the two branch-level calls a non-leader needs from the
+//! leader, `Submit` and `ReadIndex`.
 
 use std::pin::Pin;
 
@@ -78,6 +79,11 @@ impl Peer for PeerService {
 
     async fn pre_vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let reply = self.branch.answer_pre_vote(&decode(request.get_ref())?).await;
+        encode(&reply).map(Response::new)
+    }
+
+    async fn timeout_now(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let reply = self.branch.answer_timeout_now(&decode(request.get_ref())?).await;
         encode(&reply).map(Response::new)
     }
 

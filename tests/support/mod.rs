@@ -130,3 +130,71 @@ pub async fn scrape(addr: &str, timeout: Duration) -> std::collections::BTreeMap
         })
         .collect()
 }
+
+/// A branch started on its own (not inside a `LocalCluster`), so that a test can stop it
+/// alone, as SIGTERM would.
+pub struct Member {
+    pub running: distbank::branch::RunningBranch,
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+/// Starts branches 1..=`branches` in this process on port-0 listeners, each with the
+/// configuration `configure` makes of a default one (3 voters, balance 100, in memory), and
+/// waits until all are SERVING.
+pub async fn start_members(
+    branches: u64,
+    configure: impl Fn(distbank::branch::BranchConfig) -> distbank::branch::BranchConfig,
+) -> Vec<Member> {
+    let mut listeners = Vec::new();
+    for _ in 0..branches {
+        let customer = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        listeners.push((customer, peer));
+    }
+    let members: std::collections::BTreeMap<u64, String> = (1..=branches)
+        .zip(&listeners)
+        .map(|(id, (_, peer))| (id, peer.local_addr().expect("addr").to_string()))
+        .collect();
+    let mut started = Vec::new();
+    for (id, (customer, peer)) in (1..=branches).zip(listeners) {
+        let config = configure(distbank::branch::BranchConfig {
+            id,
+            initial_balance: 100,
+            members: members.clone(),
+            voters: 3,
+            timing: Default::default(),
+            request_timeout: Duration::from_secs(10),
+            data_dir: None,
+            tls: Default::default(),
+            hand_off_leadership: false,
+        });
+        let stop = tokio_util::sync::CancellationToken::new();
+        let running = distbank::branch::start(config, customer, peer, stop.clone())
+            .await
+            .expect("branch starts");
+        started.push(Member { running, stop });
+    }
+    for member in &started {
+        tokio::time::timeout(Duration::from_secs(120), member.running.ready())
+            .await
+            .expect("serving");
+    }
+    started
+}
+
+/// Where the leader is among `members`, once they agree on one.
+pub async fn leader_index(members: &[Member]) -> usize {
+    let leader = async {
+        loop {
+            if let Some(leader) = members[0].running.branch.raft().current_leader().await
+                && let Some(at) = members.iter().position(|m| m.running.branch.id() == leader)
+            {
+                return at;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), leader)
+        .await
+        .expect("a leader")
+}
