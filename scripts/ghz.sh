@@ -2,12 +2,8 @@
 # Builds ghz (the gRPC load generator) from the Go module proxy once and caches it; prints its
 # path. Used by scripts/bench.sh to measure one branch's customer API with an external tool.
 set -euo pipefail
+# shellcheck source=lib/go-tool.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/go-tool.sh"
 version=${GHZ_VERSION:-v0.121.0}
-tools="${XDG_CACHE_HOME:-$HOME/.cache}/distbank-tools"
-bin="$tools/ghz-$version/ghz"
-if [[ ! -x $bin ]]; then
-  command -v go >/dev/null || { echo "ghz: no Go toolchain; install Go to build ghz $version" >&2; exit 1; }
-  echo "building ghz $version from the Go module proxy (cached in $tools)" >&2
-  GOBIN="$tools/ghz-$version" nice go install "github.com/bojand/ghz/cmd/ghz@$version" >&2
-fi
-echo "$bin"
+go_tool ghz github.com/bojand/ghz/cmd/ghz "$version" ||
+  { echo "ghz: no Go toolchain; install Go to build ghz $version" >&2; exit 1; }

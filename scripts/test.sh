@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The project's one test command (README quick start, and what .ci/run runs):
-# formatting, lints, API docs, every test (unit, integration, Python interop), a real-Jaeger tracing
-# check, a benchmark smoke run, the Helm chart / manifest checks, and the end-to-end test against
-# a real API server. Installs what the tests need on first use (a Python virtualenv with
-# grpcio-tools; Jaeger built with Go via scripts/jaeger-e2e.sh; helm, kubectl and validators via
+# formatting, lints, API docs, every test (unit, integration, Python interop), a real-Jaeger
+# tracing check, grpcurl against a branch, a benchmark smoke run, the Helm chart / manifest
+# checks, and the end-to-end test against a real API server. Installs what the tests need on
+# first use (a Python virtualenv with grpcio-tools; Jaeger and grpcurl built with Go by their
+# scripts; helm, kubectl and validators via
 # scripts/check-chart.sh; podman, base images and the Go-built control plane via scripts/e2e.sh)
 # into ${XDG_CACHE_HOME:-~/.cache}/distbank*, so later runs are offline and fast.
 set -euo pipefail
@@ -30,9 +31,11 @@ step "cargo doc (broken intra-doc links fail)"
 RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
 step "cargo test"
 cargo test --locked
+debug_bin="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/distbank"
 step "tracing end to end with a real Jaeger v2 (builds it once with Go; skipped without Go)"
-DISTBANK_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/distbank" \
-  scripts/jaeger-e2e.sh
+DISTBANK_BIN="$debug_bin" scripts/jaeger-e2e.sh
+step "grpcurl against a branch, through server reflection (builds grpcurl once with Go; skipped without Go)"
+DISTBANK_BIN="$debug_bin" scripts/grpcurl-check.sh
 step "fuzz targets compile (running them: cargo fuzz, see docs/design.md)"
 cargo check --locked --quiet --manifest-path fuzz/Cargo.toml --bins
 step "the tracing-cost benchmark's patch still applies (scripts/bench/tracing-cost.sh)"

@@ -6,6 +6,9 @@ use crate::account::{Operation, Outcome};
 /// The original wire API (`proto/banks.proto`, package-less: `/Bank/MsgDelivery`).
 pub mod bank {
     tonic::include_proto!("_");
+
+    /// `proto/banks.proto` as an encoded `FileDescriptorSet`, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("banks_descriptor");
 }
 
 /// The peer-only API branches use among themselves (`proto/peer.proto`).

@@ -172,6 +172,93 @@ async fn every_branch_reports_serving_over_grpc_health() {
     cluster.shutdown().await.expect("clean shutdown");
 }
 
+/// Server reflection (v1 and v1alpha, which older grpcurl releases use) lists the customer API
+/// and health, never the peer API, and serves `Bank`'s file so a tool can call it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_customer_api_and_not_the_peer_api() {
+    use prost::Message as _;
+    use tonic_reflection::pb::{v1, v1alpha};
+
+    let cluster = support::start_cluster(1, 0, 1).await;
+    let clients = support::clients(&cluster);
+    let channel = clients.channel(1).expect("channel");
+    let ask = |request: v1::server_reflection_request::MessageRequest| v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let mut reflection = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let requests = vec![
+        ask(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+        ask(v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+            "Bank".into(),
+        )),
+        ask(v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+            "distbank.peer.v1.Peer".into(),
+        )),
+    ];
+    let mut replies = reflection
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .expect("reflection v1")
+        .into_inner();
+    let mut next = async || {
+        replies
+            .message()
+            .await
+            .expect("a reply")
+            .and_then(|reply| reply.message_response)
+            .expect("a response")
+    };
+    let v1::server_reflection_response::MessageResponse::ListServicesResponse(list) = next().await else {
+        panic!("not a service list")
+    };
+    let services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in ["Bank", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
+        assert!(
+            services.iter().any(|s| s == expected),
+            "{expected} missing from {services:?}"
+        );
+    }
+    assert!(!services.iter().any(|s| s.contains("peer")), "{services:?}");
+    let v1::server_reflection_response::MessageResponse::FileDescriptorResponse(files) = next().await else {
+        panic!("no file for Bank")
+    };
+    let file =
+        prost_types::FileDescriptorProto::decode(files.file_descriptor_proto[0].as_slice()).expect("a file descriptor");
+    assert_eq!(file.name(), "banks.proto");
+    let methods: Vec<&str> = file.service[0].method.iter().map(|m| m.name()).collect();
+    assert_eq!((file.service[0].name(), methods), ("Bank", vec!["MsgDelivery"]));
+    // tonic-reflection ends the stream with NOT_FOUND for an unknown symbol.
+    let refused = replies.message().await;
+    assert!(
+        matches!(&refused, Err(status) if status.code() == tonic::Code::NotFound),
+        "the peer API is not published: {refused:?}"
+    );
+
+    let mut old = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let list = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let reply = old
+        .server_reflection_info(tokio_stream::iter([list]))
+        .await
+        .expect("reflection v1alpha")
+        .into_inner()
+        .message()
+        .await
+        .expect("a reply");
+    assert!(
+        matches!(reply.and_then(|r| r.message_response), Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l)) if l.service.iter().any(|s| s.name == "Bank")),
+        "v1alpha lists Bank"
+    );
+    cluster.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_not_serving_before_the_cluster_has_formed() {
     // Start one branch of a three-branch membership whose peers never come up: it can never

@@ -182,16 +182,27 @@ struct Listeners {
     health: Option<TcpListener>,
 }
 
-/// The customer listener's services, health beside the customer API, with the limits every
-/// branch applies (`examples/grpc_ceiling` serves its no-op bank through it too, so its
-/// calibration pays what a branch pays).
+/// The customer listener's services, health and server reflection beside the customer API,
+/// with the limits every branch applies (`examples/grpc_ceiling` serves its no-op bank through
+/// it too, so its calibration pays what a branch pays).
 pub fn customer_router<B: Bank, H: Health>(builder: Server, health: HealthServer<H>, bank: B) -> Router {
+    // Reflection lists `Bank` and `grpc.health.v1.Health` with their messages, so grpcurl,
+    // grpcui or Postman can call a branch without the .proto files (v1, and v1alpha for older
+    // clients). The peer API is not listed. Only a defect in the compiled-in descriptors could
+    // make it fail to build, which a unit test would show; the API itself does not need it.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::bank::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
     builder
         // Bounded work per connection: past the limit a request is refused at once with
         // RESOURCE_EXHAUSTED (retryable) instead of queueing without bound.
         .concurrency_limit_per_connection(MAX_CUSTOMER_REQUESTS_PER_CONNECTION)
         .load_shed(true)
         .add_service(health)
+        .add_optional_service(reflection().build_v1().ok())
+        .add_optional_service(reflection().build_v1alpha().ok())
         .add_service(
             BankServer::new(bank)
                 .max_decoding_message_size(MAX_CUSTOMER_MESSAGE)
