@@ -257,6 +257,9 @@ impl Branch {
         loop {
             let caught_up: Vec<NodeId> = {
                 let m = metrics.borrow_and_update();
+                if m.state != ServerState::Leader {
+                    return Err("this branch stopped leading before a voter took over".into());
+                }
                 let matched = m.replication.as_ref();
                 voters
                     .iter()
