@@ -19,10 +19,14 @@ COPY . .
 # binary is copied out of the target cache mount because cache mounts are not part of the layer.
 # The release profile keeps line tables for backtraces: compress them (zlib, which Rust's
 # backtraces read) instead of stripping them, which more than halves the binary.
+# The target cache outlives any one checkout, and cargo decides by modification time: a source
+# older than the cache's last build (edited before another checkout was built) would be taken
+# as built. So the copied sources are touched first; this step only runs when they changed.
 RUN --mount=type=cache,id=distbank-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,id=distbank-cargo-git,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,id=distbank-target,target=/src/target,sharing=locked \
-    cargo build --release --locked --bin distbank \
+    find . -path ./target -prune -o -type f -exec touch {} + \
+ && cargo build --release --locked --bin distbank \
  && mkdir -p /out \
  && objcopy --compress-debug-sections=zlib target/release/distbank /out/distbank
 

@@ -23,7 +23,9 @@
 #      and its (new, controller-made) Pod is run again under the same name with a new IP; the
 #      replay must still give the expected output. RBAC: the Job's own token may get/create/patch
 #      its output ConfigMap and nothing else (`kubectl auth can-i` with that token, plus a real
-#      forbidden request).
+#      forbidden request). In the small case every branch is then restarted with SIGTERM in
+#      turn, as a rolling update does (the leader must hand the leadership over), and the same
+#      replay runs again: its output must be the same.
 # Everything started (containers by name, the network, the control plane by PID) is removed on
 # exit, also on failure. Each phase's wall time is printed at the end.
 #
@@ -185,6 +187,33 @@ new_pod() {
   [[ -n "$uid" && "$uid" != "$2" ]]
 }
 
+# await_job CONTAINER: waits for the replay Job's container to exit 0; its log goes to
+# $STATE/$NS-replay.log.
+await_job() {
+  local deadline=$((SECONDS + TIMEOUT)) code
+  while [[ "$(podman inspect --format '{{.State.Status}}' "$1")" == running ]]; do
+    ((SECONDS < deadline)) || die "the replay Job's container still runs after ${TIMEOUT}s"
+    sleep 0.5
+  done
+  code="$(podman inspect --format '{{.State.ExitCode}}' "$1")"
+  podman logs "$1" >"$STATE/$NS-replay.log" 2>&1
+  [[ "$code" == 0 ]] || { tail -n 30 "$STATE/$NS-replay.log" >&2; die "the replay Job exited with $code"; }
+  grep -h '^distbank: replayed' "$STATE/$NS-replay.log" >&2 || true
+}
+
+# compare_output EXPECTED: fetches output.json with the README's command and compares.
+compare_output() {
+  "$DISTBANK" fetch-output -n "$NS" --configmap "$RELEASE-output" -o "$STATE/$NS-output.json" >&2
+  python3 - "$STATE/$NS-output.json" "$1" <<'PY' || die "output.json from the ConfigMap differs from $1"
+import json, sys
+got, want = (json.load(open(p)) for p in sys.argv[1:3])
+if got != want:
+    print(f"got:  {json.dumps(got)[:400]}\nwant: {json.dumps(want)[:400]}", file=sys.stderr)
+    sys.exit(1)
+print(f"output.json from the ConfigMap equals {sys.argv[2]} ({len(got)} customer items)", file=sys.stderr)
+PY
+}
+
 container_ip() { podman inspect --format "{{(index .NetworkSettings.Networks \"$NET\").IPAddress}}" "$1"; }
 
 # make_tls_secret NAME HEADLESS: a CA and one certificate for every branch
@@ -333,16 +362,7 @@ print(s["serviceName"], c["readinessProbe"]["grpc"]["port"], c["ports"][0]["cont
     log "fault: $victim is back as a new container at $new_ip (was $old_ip)"
     wait_for "$victim SERVING again" serving "${NS}_$victim" "$probe_port"
   fi
-  local deadline=$((SECONDS + TIMEOUT))
-  while [[ "$(podman inspect --format '{{.State.Status}}' "$jc")" == running ]]; do
-    ((SECONDS < deadline)) || die "the replay Job's container still runs after ${TIMEOUT}s"
-    sleep 0.5
-  done
-  local code
-  code="$(podman inspect --format '{{.State.ExitCode}}' "$jc")"
-  podman logs "$jc" >"$STATE/$NS-replay.log" 2>&1
-  [[ "$code" == 0 ]] || { tail -n 30 "$STATE/$NS-replay.log" >&2; die "the replay Job exited with $code"; }
-  grep -h '^distbank: replayed' "$STATE/$NS-replay.log" >&2 || true
+  await_job "$jc"
   if [[ $fault -eq 1 ]]; then
     local retries
     retries="$(grep -c 'retrying with the same event id' "$STATE/$NS-replay.log" || true)"
@@ -353,15 +373,7 @@ print(s["serviceName"], c["readinessProbe"]["grpc"]["port"], c["ports"][0]["cont
   phase_done "[$case] replay Job$([[ $fault -eq 1 ]] && echo ' (with the branch restart)')"
 
   phase "[$case] fetch output.json (README command) and compare"
-  "$DISTBANK" fetch-output -n "$NS" --configmap "$RELEASE-output" -o "$STATE/$NS-output.json" >&2
-  python3 - "$STATE/$NS-output.json" "$expected" <<'PY' || die "output.json from the ConfigMap differs from $expected"
-import json, sys
-got, want = (json.load(open(p)) for p in sys.argv[1:3])
-if got != want:
-    print(f"got:  {json.dumps(got)[:400]}\nwant: {json.dumps(want)[:400]}", file=sys.stderr)
-    sys.exit(1)
-print(f"output.json from the ConfigMap equals {sys.argv[2]} ({len(got)} customer items)", file=sys.stderr)
-PY
+  compare_output "$expected"
   phase_done "[$case] fetch + compare output.json"
 
   phase "[$case] RBAC of the Job's token"
@@ -408,6 +420,50 @@ EOF
   grep -q Forbidden "$STATE/$NS-forbidden.err" || { cat "$STATE/$NS-forbidden.err" >&2; die "RBAC: expected Forbidden"; }
   log "RBAC: the Job's token ($who) may get/create/patch $out only (13 checks + a real Forbidden request)"
   phase_done "[$case] RBAC checks"
+
+  if [[ $case == small ]]; then
+    # What `kubectl rollout restart` does to the branches: highest ordinal first, each Pod
+    # stopped (SIGTERM), deleted, made again by the StatefulSet controller and run with its
+    # claim (the same data directory) under a new address, SERVING before the next. Every
+    # branch must exit 0, the leader must hand the leadership over first, and afterwards the
+    # same replay must give the same output: every recorded result survived the restarts.
+    phase "[$case] rolling restart (SIGTERM, new Pods), then the replay again"
+    local handed=0 code old_uid old_ip
+    for ((i = n - 1; i >= 0; i--)); do
+      pod="$sts-$i"
+      c="${NS}_$pod"
+      old_ip="$(container_ip "$c")"
+      old_uid="$(k get pod "$pod" -o jsonpath='{.metadata.uid}')"
+      podman stop -t 30 "$c" >/dev/null
+      code="$(podman inspect --format '{{.State.ExitCode}}' "$c")"
+      podman logs "$c" >"$STATE/$NS-$pod-stopped.log" 2>&1
+      [[ "$code" == 0 ]] || die "$pod exited with $code after SIGTERM"
+      if grep -q 'leadership hand-off failed' "$STATE/$NS-$pod-stopped.log"; then
+        tail -n 20 "$STATE/$NS-$pod-stopped.log" >&2
+        die "$pod: leadership hand-off failed"
+      fi
+      if grep -q 'handed the leadership over' "$STATE/$NS-$pod-stopped.log"; then handed=$((handed + 1)); fi
+      podman rm -f -t 0 "$c" >/dev/null
+      CONTAINERS+=("${NS}_ip-holder-$i")
+      podman run -d --name "${NS}_ip-holder-$i" --network "$NET" --ip "$old_ip" --pull never "$HOLDER_IMAGE" sleep infinity >/dev/null
+      k delete pod "$pod" --wait=false >/dev/null
+      wait_for "a new $pod Pod" new_pod "$pod" "$old_uid"
+      local restarted=$SECONDS
+      run_pod "$pod" >/dev/null
+      wait_for "$pod SERVING after its restart" serving "$c" "$probe_port"
+      log "rolling restart: $pod exited 0, back as a new Pod, SERVING $((SECONDS - restarted)) s after its start"
+    done
+    # The leader is one of them (an election in between could move it to a branch already
+    # restarted, but only a machine stalled for seconds would hold one).
+    ((handed >= 1)) || die "no branch handed the leadership over during the rolling restart"
+    log "rolling restart: $n branches exited 0 on SIGTERM and came back SERVING as new Pods; $handed handed the leadership over"
+    k delete configmap "$RELEASE-output" >/dev/null
+    podman rm -f "$jc" >/dev/null
+    jc="$(run_pod "$jpod")"
+    await_job "$jc"
+    compare_output "$expected"
+    phase_done "[$case] rolling restart + replay again (same output)"
+  fi
 
   # This case's containers go now: the next case gets the machine to itself.
   local keep=()

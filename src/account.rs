@@ -32,11 +32,26 @@ impl Operation {
 /// One replicated log entry. The kinds are named after the original implementation's
 /// interfaces (`Propagate_Deposit`, `Propagate_Withdraw`): applying the entry on a branch is
 /// exactly what "propagating" meant there, except that every branch applies it in the same
-/// order. Queries are reads, never log entries.
+/// order. Queries are reads, never log entries; only the answer a branch gave to a query with
+/// an event id is recorded afterwards (`RecordQuery`), so that a branch restarted from its
+/// data directory, or any other branch, answers a re-run of that query the same way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    PropagateDeposit { event_id: Option<u64>, amount: u64 },
-    PropagateWithdraw { event_id: Option<u64>, amount: u64 },
+    PropagateDeposit {
+        event_id: Option<u64>,
+        amount: u64,
+    },
+    PropagateWithdraw {
+        event_id: Option<u64>,
+        amount: u64,
+    },
+    /// Records `balance` as the answer to the query `event_id` unless that id already has a
+    /// result (the first recorded answer wins); the balance does not change. Added after the
+    /// two above, so logs written before it still decode.
+    RecordQuery {
+        event_id: u64,
+        balance: u64,
+    },
 }
 
 impl Command {
@@ -52,6 +67,7 @@ impl Command {
     pub fn event_id(&self) -> Option<u64> {
         match *self {
             Command::PropagateDeposit { event_id, .. } | Command::PropagateWithdraw { event_id, .. } => event_id,
+            Command::RecordQuery { event_id, .. } => Some(event_id),
         }
     }
 
@@ -59,6 +75,7 @@ impl Command {
         match *self {
             Command::PropagateDeposit { amount, .. } => Operation::Deposit(amount),
             Command::PropagateWithdraw { amount, .. } => Operation::Withdraw(amount),
+            Command::RecordQuery { .. } => Operation::Query,
         }
     }
 }
@@ -184,6 +201,14 @@ impl Account {
         self.recorded.get(event_id).map(|recorded| recorded.operation)
     }
 
+    /// The answer recorded for the query `event_id` ([`Command::RecordQuery`]), if any.
+    pub fn recorded_query(&self, event_id: u64) -> Option<u64> {
+        match self.recorded.get(event_id)?.outcome {
+            Outcome::Balance(balance) => Some(balance),
+            _ => None,
+        }
+    }
+
     /// Applies one command. A command whose event id is already recorded changes nothing and
     /// answers the recorded result (or `EventIdReused` when the id was used for something else).
     pub fn apply(&mut self, command: &Command) -> Applied {
@@ -200,7 +225,10 @@ impl Account {
             };
             return self.applied(outcome);
         }
-        let outcome = self.execute(operation);
+        let outcome = match *command {
+            Command::RecordQuery { balance, .. } => Outcome::Balance(balance),
+            _ => self.execute(operation),
+        };
         if let Some(id) = command.event_id() {
             self.recorded.get_or_insert(id, Recorded { operation, outcome });
         }
@@ -355,5 +383,37 @@ mod tests {
         assert_eq!(account.balance(), 10);
         assert_eq!(account.recorded_events(), 0);
         assert_eq!(Command::for_request(None, Operation::Query), None);
+    }
+
+    #[test]
+    fn a_recorded_query_keeps_its_first_answer_and_changes_no_balance() {
+        let mut account = Account::new(100);
+        let record = |balance| Command::RecordQuery { event_id: 7, balance };
+        assert_eq!(account.apply(&record(100)).outcome, Outcome::Balance(100));
+        account.apply(&deposit(8, 50));
+        assert_eq!(account.balance(), 150);
+        // A later answer to the same query (another branch, after more writes) loses.
+        assert_eq!(account.apply(&record(150)).outcome, Outcome::Balance(100));
+        assert_eq!(account.recorded_query(7), Some(100));
+        assert_eq!(account.recorded_operation(7), Some(Operation::Query));
+        // A write under the query's id, and a query record under a write's id, are refused.
+        assert_eq!(
+            account.apply(&deposit(7, 1)).outcome,
+            Outcome::EventIdReused {
+                recorded: Operation::Query
+            }
+        );
+        assert_eq!(
+            account
+                .apply(&Command::RecordQuery {
+                    event_id: 8,
+                    balance: 1
+                })
+                .outcome,
+            Outcome::EventIdReused {
+                recorded: Operation::Deposit(50)
+            }
+        );
+        assert_eq!((account.balance(), account.recorded_query(8)), (150, None));
     }
 }

@@ -159,7 +159,7 @@ impl LocalCluster {
                 data_dir: options.data_dir.as_ref().map(|dir| dir.join(format!("branch-{id}"))),
                 tls: Default::default(),
                 // All stop together: nobody to hand over to.
-                hand_off_leadership: false,
+                standalone: false,
             };
             let shutdown = cluster.shutdown.child_token();
             let start = async move {

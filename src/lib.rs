@@ -20,7 +20,8 @@
 //!   replica to apply it (concurrent writes share entries and `Submit` calls: [`batch`]);
 //!   queries are linearizable reads (ReadIndex: the leader answers from its read lease,
 //!   [`replication::lease`], or with a quorum round, concurrent ones sharing one round
-//!   through [`coalesce`]) or logged when they carry an event id.
+//!   through [`coalesce`]); the answer to a query with an event id is remembered, and on a
+//!   standalone branch also recorded in the log afterwards, so restarts keep it.
 //! - [`replication`] is the openraft glue: type config, the log and state machine stores (in
 //!   memory, or backed by a data directory with `distbank branch --data-dir`:
 //!   [`replication::disk`] is the checksummed on-disk format), the peer network client

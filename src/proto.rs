@@ -1,7 +1,7 @@
 //! Generated gRPC code and every conversion between wire types and domain types: nothing
 //! outside this module and the service edges touches a prost type.
 
-use crate::account::{Operation, Outcome};
+use crate::account::{Command, Operation, Outcome};
 
 /// The original wire API (`proto/banks.proto`, package-less: `/Bank/MsgDelivery`).
 pub mod bank {
@@ -29,6 +29,33 @@ pub fn operation_to_peer(operation: Operation) -> (peer::Operation, u64) {
         Operation::Deposit(amount) => (peer::Operation::Deposit, amount),
         Operation::Withdraw(amount) => (peer::Operation::Withdraw, amount),
         Operation::Query => (peer::Operation::Query, 0),
+    }
+}
+
+/// Encodes a log command as a forwarded [`peer::Write`]'s (event id, operation, amount): a
+/// `RecordQuery` travels as a query whose amount is the balance answered.
+pub fn command_to_peer(command: &Command) -> (Option<u64>, peer::Operation, u64) {
+    match *command {
+        Command::RecordQuery { event_id, balance } => (Some(event_id), peer::Operation::Query, balance),
+        _ => {
+            let (operation, amount) = operation_to_peer(command.operation());
+            (command.event_id(), operation, amount)
+        }
+    }
+}
+
+/// Decodes a forwarded [`peer::Write`] into the command to propose; `Err`: why it is refused.
+pub fn command_from_peer(event_id: Option<u64>, operation: i32, amount: u64) -> Result<Command, String> {
+    match (operation_from_peer(operation, amount), event_id) {
+        (None, _) => Err(format!("unknown operation {operation}")),
+        (Some(Operation::Query), Some(event_id)) => Ok(Command::RecordQuery {
+            event_id,
+            balance: amount,
+        }),
+        (Some(Operation::Query), None) => Err("a query without an event id has nothing to record".into()),
+        (Some(operation), event_id) => {
+            Command::for_request(event_id, operation).ok_or_else(|| "a query is a read, not a log entry".into())
+        }
     }
 }
 

@@ -347,7 +347,7 @@ async fn start_branch_without_quorum(
         request_timeout,
         data_dir: None,
         tls: Default::default(),
-        hand_off_leadership: false,
+        standalone: false,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let running = branch::start(config, customer, peer, shutdown.clone())

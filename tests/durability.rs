@@ -1,6 +1,7 @@
 //! `distbank branch --data-dir`: what a branch acknowledged survives SIGKILL, a restarted branch
 //! recovers from its directory and catches up before it reports SERVING, the whole cluster
-//! survives being killed at once, and a damaged log file is reported, never used.
+//! survives being killed at once, query answers survive restarts, and a damaged log file is
+//! reported, never used.
 
 mod support;
 
@@ -133,6 +134,39 @@ async fn acknowledged_writes_survive_sigkill_of_the_leader_and_of_every_branch()
     assert_eq!(status, "success");
     assert_eq!(balance(&branches, 3, 400).await, expected);
 
+    for branch in &mut branches {
+        assert_eq!(branch.terminate(WAIT).code(), Some(0), "clean exit after SIGTERM");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_answers_survive_a_restart_of_every_branch_and_hold_on_every_branch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut branches = start_three(dir.path());
+    all_serving(&branches).await;
+    assert_eq!(balance(&branches, 2, 1).await, INITIAL as i32);
+    let (status, _) = call(&branches, 1, 2, "deposit", 50).await;
+    assert_eq!(status, "success");
+    // The branch that answered stops first (while the others can still commit what it has
+    // pending), then the rest: a rolling stop, then everything comes back from disk.
+    for at in [1, 0, 2] {
+        assert_eq!(branches[at].terminate(WAIT).code(), Some(0), "clean exit after SIGTERM");
+    }
+    for branch in &mut branches {
+        branch.restart();
+    }
+    all_serving(&branches).await;
+    // A re-run of the query gets the answer it got before the deposit, on every branch (each
+    // learned it from the log: none of them holds it in memory any more)...
+    for id in 1..=3 {
+        assert_eq!(balance(&branches, id, 1).await, INITIAL as i32, "branch {id}");
+    }
+    // ...while a new query sees the deposit, and a write cannot take the query's id.
+    assert_eq!(balance(&branches, 3, 3).await, INITIAL as i32 + 50);
+    let clients = clients_for(&branches);
+    let mut bank = support::bank_client(&clients, 2);
+    let reused = support::call(&mut bank, Some(1), "deposit", 10).await;
+    assert_eq!(reused.map_err(|s| s.code()).err(), Some(tonic::Code::AlreadyExists));
     for branch in &mut branches {
         assert_eq!(branch.terminate(WAIT).code(), Some(0), "clean exit after SIGTERM");
     }

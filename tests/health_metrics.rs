@@ -251,7 +251,7 @@ async fn a_branch_whose_raft_stops_ends_with_an_error() {
         request_timeout: Duration::from_secs(10),
         data_dir: None,
         tls: Default::default(),
-        hand_off_leadership: false,
+        standalone: false,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let running = branch::start(config, customer, peer, shutdown.clone()).await.unwrap();

@@ -31,7 +31,7 @@ async fn a_stopping_leader_hands_over_and_writes_go_on() {
             ..RaftTiming::default()
         },
         request_timeout: MOVE_WITHIN,
-        hand_off_leadership: true,
+        standalone: true,
         ..config
     })
     .await;

@@ -11,7 +11,8 @@
 //! Around them, in private modules: `server` runs a branch (its two gRPC listeners, start-up, shutdown),
 //! `membership` forms the cluster (voters, then every other branch as a non-voting replica),
 //! `election` decides when a voter campaigns (pre-vote), `handoff` moves the leadership
-//! away from a leader that stops (TimeoutNow),
+//! away from a leader that stops (TimeoutNow), `query_records` puts query answers in the
+//! replicated log so restarts do not forget them,
 //! `readiness` is what its health service reports.
 
 mod election;
@@ -19,6 +20,7 @@ pub use election::{PreVoteReply, PreVoteRequest};
 mod handoff;
 pub use handoff::{HandOff, TimeoutNowReply, TimeoutNowRequest};
 mod membership;
+mod query_records;
 mod readiness;
 mod server;
 
@@ -72,9 +74,13 @@ pub struct BranchConfig {
     /// Where the consensus state is kept across restarts; `None` = in memory only.
     pub data_dir: Option<PathBuf>,
     pub tls: BranchTls,
-    /// When this branch stops while it leads, hand the leadership to another voter first
-    /// (`handoff`). Off for branches that all stop together (one process, `distbank run`).
-    pub hand_off_leadership: bool,
+    /// The branch is a process of its own (`distbank branch`), stopped and restarted apart
+    /// from the others: when it stops while leading it hands the leadership over first
+    /// (`handoff`), and the answers it gives to queries with event ids are recorded in the
+    /// replicated log, so that a restart does not forget them (`query_records`). Off where all
+    /// branches live and end in one process (`distbank run`, `server`, `bench`): nothing
+    /// outlives that process, and neither would be worth its cost there.
+    pub standalone: bool,
 }
 
 /// Optional TLS on a branch's listeners and peer connections.
@@ -155,6 +161,8 @@ struct Inner {
     forwards: Batcher<(NodeId, Proposed), Result<Committed, String>>,
     /// Proposals stopped by a hand-off; the campaign a stopping leader asked for.
     hand_off: Arc<handoff::HandOffState>,
+    /// Query answers on their way into the replicated log (standalone branches).
+    query_records: query_records::QueryRecords,
 }
 
 /// One try at the leader, in [`Branch::with_leader`].
@@ -218,6 +226,7 @@ impl Branch {
                     raft,
                     peers,
                     hand_off,
+                    query_records: query_records::QueryRecords::new(config.standalone),
                 }
             }),
         }
@@ -273,15 +282,25 @@ impl Branch {
         }
         let outcome = self.linearizable_read(deadline).await?;
         // After the read barrier this replica knows every write committed before the query
-        // began, so a write recorded under the same id is seen here.
-        if let Some(recorded) = self.inner.state.recorded_operation(id) {
-            return Ok(Outcome::EventIdReused { recorded });
+        // began, so a write recorded under the same id is seen here, and so is an answer to
+        // this query recorded earlier (by this branch before a restart, or by another one).
+        let recorded = self.inner.state.recorded_query(id);
+        if recorded.is_none()
+            && let Some(operation) = self.inner.state.recorded_operation(id)
+        {
+            return Ok(Outcome::EventIdReused { recorded: operation });
         }
-        let Outcome::Balance(balance) = outcome else {
+        let Outcome::Balance(read) = outcome else {
             return Ok(outcome);
         };
         let mut queries = self.inner.queries.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(Outcome::Balance(*queries.get_or_insert(id, balance)))
+        let first = queries.get(id).is_none() && recorded.is_none();
+        let balance = *queries.get_or_insert(id, recorded.unwrap_or(read));
+        drop(queries);
+        if first {
+            self.inner.query_records.add(id, balance);
+        }
+        Ok(Outcome::Balance(balance))
     }
 
     fn recorded_query(&self, event_id: u64) -> Option<u64> {
@@ -352,7 +371,9 @@ impl Branch {
     /// `Submit` lands here; it never forwards again, so requests cannot loop). Concurrent
     /// writes share log entries (group commit, [`crate::batch`]).
     pub(crate) async fn submit_local(&self, command: Command) -> Result<Committed, SubmitError> {
-        let (span, traceparent) = if telemetry::enabled() {
+        // Only inside a request's trace: a write nobody traced (a query record, a forwarded
+        // write without a traceparent) would otherwise start a trace of its own.
+        let (span, traceparent) = if telemetry::enabled() && !tracing::Span::current().is_none() {
             let span = tracing::info_span!(
                 "consensus",
                 otel.name = "raft.client_write",
@@ -685,9 +706,9 @@ async fn submit_to(
         writes: writes
             .into_iter()
             .map(|write| {
-                let (operation, amount) = proto::operation_to_peer(write.command.operation());
+                let (event_id, operation, amount) = proto::command_to_peer(&write.command);
                 proto::peer::Write {
-                    event_id: write.command.event_id(),
+                    event_id,
                     operation: operation as i32,
                     amount,
                     traceparent: write.traceparent.unwrap_or_default(),

@@ -275,6 +275,10 @@ async fn serve(
     let background = CancellationToken::new();
     let membership_task = tokio::spawn(manage_membership(config.clone(), branch.clone(), background.clone()));
     let election_task = tokio::spawn(campaign(branch.clone(), config.timing, background.clone()));
+    let records_task = config.standalone.then(|| {
+        let (branch, stop) = (branch.clone(), background.clone());
+        tokio::spawn(async move { branch.record_query_answers(stop).await })
+    });
     let readiness_task = tokio::spawn(await_readiness(
         branch.clone(),
         health.clone(),
@@ -320,11 +324,24 @@ async fn serve(
     }
     let _ = readiness_task.await;
     let _ = election_task.await;
+    if let Some(task) = records_task {
+        let _ = task.await;
+    }
     // Drain customers first (their requests need consensus), hand the leadership over, then
     // stop Raft, then peers (the hand-off needs them).
     customer_stop.cancel();
     let customer_result = customer_server.await;
-    if config.hand_off_leadership && fatal.is_none() {
+    if config.standalone && fatal.is_none() {
+        // Answers given up to the drain's end go into the log while the leader still leads.
+        let deadline = tokio::time::Instant::now() + config.request_timeout.min(RECORD_AT_STOP);
+        let unrecorded = branch.record_pending_answers(deadline).await;
+        if unrecorded > 0 {
+            tracing::warn!(
+                branch = config.id,
+                unrecorded,
+                "stopping with query answers not recorded: a re-run of those queries gets a new answer"
+            );
+        }
         log_hand_off(config.id, branch.hand_off_leadership().await);
     }
     if let Err(e) = branch.raft().shutdown().await {
@@ -351,6 +368,9 @@ async fn serve(
         Some(fatal) => Err(BranchError::RaftStopped(fatal)),
     }
 }
+
+/// How long a stopping branch tries to record its last query answers.
+const RECORD_AT_STOP: Duration = Duration::from_secs(5);
 
 fn log_hand_off(branch: u64, outcome: HandOff) {
     match outcome {

@@ -334,6 +334,11 @@ impl StateMachine {
         lock(&self.inner).state.account.recorded_operation(event_id)
     }
 
+    /// The answer recorded for the query `event_id` on this replica.
+    pub fn recorded_query(&self, event_id: u64) -> Option<u64> {
+        lock(&self.inner).state.account.recorded_query(event_id)
+    }
+
     /// How many event ids the idempotency table holds.
     pub fn recorded_events(&self) -> usize {
         lock(&self.inner).state.account.recorded_events()
@@ -365,6 +370,7 @@ fn apply_span(branch: NodeId, index: u64, command: &Command, traceparent: &str) 
     let (name, operation, amount) = match command {
         Command::PropagateDeposit { amount, .. } => ("apply PropagateDeposit", "PropagateDeposit", *amount),
         Command::PropagateWithdraw { amount, .. } => ("apply PropagateWithdraw", "PropagateWithdraw", *amount),
+        Command::RecordQuery { balance, .. } => ("apply RecordQuery", "RecordQuery", *balance),
     };
     let span = tracing::info_span!(
         "apply",

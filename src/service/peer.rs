@@ -99,11 +99,8 @@ impl Peer for PeerService {
             .iter()
             .enumerate()
             .map(|(i, write)| {
-                let operation = proto::operation_from_peer(write.operation, write.amount).ok_or_else(|| {
-                    Status::invalid_argument(format!("write {i}: unknown operation {}", write.operation))
-                })?;
-                Command::for_request(write.event_id, operation)
-                    .ok_or_else(|| Status::invalid_argument(format!("write {i}: a query is a read, not a log entry")))
+                proto::command_from_peer(write.event_id, write.operation, write.amount)
+                    .map_err(|e| Status::invalid_argument(format!("write {i}: {e}")))
             })
             .collect::<Result<Vec<_>, Status>>()?;
         // The sender waits for the new entries: they go to it without lingering.

@@ -166,7 +166,7 @@ pub async fn start_members(
             request_timeout: Duration::from_secs(10),
             data_dir: None,
             tls: Default::default(),
-            hand_off_leadership: false,
+            standalone: false,
         });
         let stop = tokio_util::sync::CancellationToken::new();
         let running = distbank::branch::start(config, customer, peer, stop.clone())

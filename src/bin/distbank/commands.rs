@@ -375,7 +375,7 @@ async fn branch(args: BranchArgs) -> anyhow::Result<()> {
                 .map_err(|e| UsageError(format!("--customer-tls-dir: {e}")))?,
             reload_every: Duration::from_secs(args.tls_reload_secs),
         },
-        hand_off_leadership: true,
+        standalone: true,
     };
     // The bound addresses (not the flags): with port 0 this is how a caller finds the ports.
     let listen = customer
