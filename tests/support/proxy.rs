@@ -50,6 +50,8 @@ struct Link {
     from: u64,
     to: u64,
     state: Mutex<(bool, CancellationToken)>,
+    /// Cancelled to turn the open connections into black holes ([`Network::freeze`]).
+    freeze: Mutex<CancellationToken>,
 }
 
 pub struct Network {
@@ -79,6 +81,7 @@ impl Network {
                     from,
                     to,
                     state: Mutex::new((true, CancellationToken::new())),
+                    freeze: Mutex::new(CancellationToken::new()),
                 });
                 let target: SocketAddr = ([127, 0, 0, 1], to_port).into();
                 tokio::spawn(proxy(listener, target, link.clone(), stop.clone()));
@@ -96,6 +99,18 @@ impl Network {
             state.0 = false;
             state.1.cancel();
             state.1 = CancellationToken::new();
+        }
+    }
+
+    /// Every connection now open to or from `branch` stops carrying bytes but stays open, as
+    /// a connection does when the machine at its other end vanishes without closing it (a node
+    /// failure, a pod whose network went first): only keepalive or a timeout can tell. New
+    /// connections go through as before.
+    pub fn freeze(&self, branch: u64) {
+        for link in self.links.iter().filter(|l| l.from == branch || l.to == branch) {
+            let mut freeze = link.freeze.lock().expect("link");
+            freeze.cancel();
+            *freeze = CancellationToken::new();
         }
     }
 
@@ -128,6 +143,7 @@ async fn proxy(listener: TcpListener, target: SocketAddr, link: Arc<Link>, stop:
             }
             state.1.clone()
         };
+        let freeze = link.freeze.lock().expect("link").clone();
         let stop = stop.clone();
         tokio::spawn(async move {
             let Ok(mut outbound) = TcpStream::connect(target).await else {
@@ -137,6 +153,8 @@ async fn proxy(listener: TcpListener, target: SocketAddr, link: Arc<Link>, stop:
             tokio::select! {
                 _ = cut.cancelled() => {}
                 _ = stop.cancelled() => {}
+                // Held open, carrying nothing, until the network stops.
+                _ = freeze.cancelled() => stop.cancelled().await,
                 _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
             }
         });
