@@ -1,6 +1,7 @@
-//! Running a branch: its listeners (customer API + health, peer API, an optional plaintext
-//! health port for probes), start-up, and the shutdown order (readiness NOT_SERVING, drain
-//! customers, stop Raft, stop peers).
+//! Running a branch: its listeners (customer API + health + reflection, peer API, an optional
+//! plaintext health port for probes), start-up, and the shutdown order (readiness NOT_SERVING,
+//! drain customers; a standalone branch then records its last query answers and hands the
+//! leadership over; stop Raft, stop peers).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -189,7 +190,7 @@ pub fn customer_router<B: Bank, H: Health>(builder: Server, health: HealthServer
     // Reflection lists `Bank` and `grpc.health.v1.Health` with their messages, so grpcurl,
     // grpcui or Postman can call a branch without the .proto files (v1, and v1alpha for older
     // clients). The peer API is not listed. Only a defect in the compiled-in descriptors could
-    // make it fail to build, which a unit test would show; the API itself does not need it.
+    // make it fail to build (`tests/customer_api.rs` would show it); the API does not need it.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::bank::FILE_DESCRIPTOR_SET)
