@@ -12,13 +12,16 @@
 #   3. kubernetes-validate --strict for Kubernetes 1.29 and 1.35
 #   4. checkov --framework kubernetes: zero failed checks (skips only as inline annotations)
 # and once:
-#   5. checkov --framework dockerfile on the Dockerfile; pytest tests/chart/test_chart.py
-#      (template-level assertions)
+#   5. checkov --framework dockerfile on the Dockerfile; pytest tests/chart: test_chart.py
+#      (template-level assertions) and test_alerts.py (the PrometheusRule run by promtool,
+#      built once from the Go module proxy, against made-up failures and a real branch's
+#      /metrics; skipped with a message when Go is not installed)
 #   6. scripts/check-k8s-drift.sh (k8s/ is what the chart renders), then `kubectl kustomize k8s/`
 #      validated like the renders
 #
 # Usage: scripts/check-chart.sh [--keep]     (--keep: keep the rendered manifests and logs)
 # Env:   DISTBANK_TOOLS_DIR (default ${XDG_CACHE_HOME:-$HOME/.cache}/distbank-tools)
+#        DISTBANK_BIN (the binary test_alerts.py runs; default: a debug build made here)
 # Prints a PASS/FAIL line per check and a summary; exits non-zero if anything failed.
 set -euo pipefail
 
@@ -26,6 +29,7 @@ set -euo pipefail
 readonly CHECKOV_PINS=("checkov==3.3.30")
 readonly TEST_PINS=("kubernetes-validate==1.37.0" "pytest==9.2.0" "PyYAML==6.0.4")
 readonly K8S_VERSIONS=(1.29.0 1.35.0)
+readonly PROMTOOL_VERSION="v0.316.0"
 readonly NAMESPACE="distbank"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -169,8 +173,23 @@ fi
 run_step "checkov --framework dockerfile [Dockerfile]" \
   checkov -f "$ROOT/Dockerfile" --framework dockerfile --quiet --compact --skip-download
 
-run_step "pytest tests/chart" env HELM="$(command -v helm)" CHART="$CHART" \
-  "$TEST_BIN/python" -m pytest -q -p no:cacheprovider "$ROOT/tests/chart"
+# The alert tests need promtool (Go) and a distbank binary.
+# shellcheck source=lib/go-tool.sh
+source "$ROOT/scripts/lib/go-tool.sh"
+pytest_env=(HELM="$(command -v helm)" CHART="$CHART")
+pytest_args=()
+if PROMTOOL="$(go_tool promtool github.com/prometheus/prometheus/cmd/promtool "$PROMTOOL_VERSION")"; then
+  if [[ -z "${DISTBANK_BIN:-}" ]]; then
+    (cd "$ROOT" && cargo build --locked --quiet --bin distbank)
+    DISTBANK_BIN="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/distbank"
+  fi
+  pytest_env+=(PROMTOOL="$PROMTOOL" DISTBANK_BIN="$DISTBANK_BIN")
+else
+  log "SKIPPED tests/chart/test_alerts.py: Go is not installed, so promtool cannot be built"
+  pytest_args+=(--ignore="$ROOT/tests/chart/test_alerts.py")
+fi
+run_step "pytest tests/chart" env "${pytest_env[@]}" \
+  "$TEST_BIN/python" -m pytest -q -p no:cacheprovider "${pytest_args[@]}" "$ROOT/tests/chart"
 run_step "k8s/ drift (scripts/check-k8s-drift.sh)" "$ROOT/scripts/check-k8s-drift.sh"
 # The kustomize base builds and its output validates too.
 if kubectl kustomize "$ROOT/k8s" >"$work/kustomize.yaml" 2>"$work/kustomize.err"; then

@@ -44,7 +44,7 @@ step "bench smoke (debug build, tiny workloads, the original beside it: checks t
 scripts/bench.sh --smoke
 if [[ -x scripts/check-chart.sh ]]; then
   step "Helm chart and manifests"
-  scripts/check-chart.sh
+  DISTBANK_BIN="$debug_bin" scripts/check-chart.sh
 fi
 # The real image, chart, API server and StatefulSet-shaped containers (docs/kubernetes.md,
 # "End-to-end test"). Needs root for podman on a fresh machine; DISTBANK_SKIP_E2E=1 skips it.

@@ -46,16 +46,16 @@ pub fn command_to_peer(command: &Command) -> (Option<u64>, peer::Operation, u64)
 
 /// Decodes a forwarded [`peer::Write`] into the command to propose; `Err`: why it is refused.
 pub fn command_from_peer(event_id: Option<u64>, operation: i32, amount: u64) -> Result<Command, String> {
-    match (operation_from_peer(operation, amount), event_id) {
-        (None, _) => Err(format!("unknown operation {operation}")),
-        (Some(Operation::Query), Some(event_id)) => Ok(Command::RecordQuery {
+    let operation = operation_from_peer(operation, amount).ok_or_else(|| format!("unknown operation {operation}"))?;
+    match (operation, event_id) {
+        (Operation::Deposit(amount), event_id) => Ok(Command::PropagateDeposit { event_id, amount }),
+        (Operation::Withdraw(amount), event_id) => Ok(Command::PropagateWithdraw { event_id, amount }),
+        // A query's entry records the answer given (amount = the balance), by event id.
+        (Operation::Query, Some(event_id)) => Ok(Command::RecordQuery {
             event_id,
             balance: amount,
         }),
-        (Some(Operation::Query), None) => Err("a query without an event id has nothing to record".into()),
-        (Some(operation), event_id) => {
-            Command::for_request(event_id, operation).ok_or_else(|| "a query is a read, not a log entry".into())
-        }
+        (Operation::Query, None) => Err("a query without an event id has nothing to record".into()),
     }
 }
 

@@ -24,8 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Branch;
 use super::handoff::Urgency;
-use crate::proto::peer::RaftPayload;
-use crate::replication::{NodeId, RaftTiming, codec, random_below};
+use crate::replication::{NodeId, RaftTiming, random_below};
 
 /// "Would you vote for me?", sent to every other voter before an election.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -164,16 +163,11 @@ impl Branch {
     /// Asks `target` whether it would vote for this branch. An older release without the call
     /// counts as yes: it leaves the decision to the real vote, as before.
     async fn ask_pre_vote(&self, target: NodeId, request: &PreVoteRequest, timeout: Duration) -> Result<bool, String> {
-        let mut client = super::peer_client(&self.inner.raft, &self.inner.peers, target)?;
-        let data = codec::encode(request).map_err(|e| e.to_string())?;
-        let call = crate::transport::call(timeout, tonic::Request::new(RaftPayload { data }), |r| {
-            client.pre_vote(r)
+        let reply = super::payload_call(self, target, request, timeout, |mut client, r| async move {
+            client.pre_vote(r).await
         });
-        match call.await {
-            Ok(reply) => {
-                let reply: PreVoteReply = codec::decode(&reply.into_inner().data).map_err(|e| e.to_string())?;
-                Ok(reply.refused.is_none())
-            }
+        match reply.await {
+            Ok(PreVoteReply { refused }) => Ok(refused.is_none()),
             Err(status) if status.code() == tonic::Code::Unimplemented => Ok(true),
             Err(status) => Err(status.message().to_string()),
         }

@@ -34,8 +34,7 @@ use tokio::sync::{Notify, RwLock};
 use tokio::time::Instant;
 
 use super::Branch;
-use crate::proto::peer::RaftPayload;
-use crate::replication::{NodeId, RaftTiming, codec};
+use crate::replication::{NodeId, RaftTiming};
 
 /// A leader about to stop asks a voter to campaign now.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -299,14 +298,11 @@ impl Branch {
         request: &TimeoutNowRequest,
         deadline: Instant,
     ) -> Result<Option<String>, String> {
-        let mut client = super::peer_client(&self.inner.raft, &self.inner.peers, target)?;
-        let data = codec::encode(request).map_err(|e| e.to_string())?;
         let timeout = deadline.saturating_duration_since(Instant::now()).min(ASK_TIMEOUT);
-        let call = crate::transport::call(timeout, tonic::Request::new(RaftPayload { data }), |r| {
-            client.timeout_now(r)
+        let reply = super::payload_call(self, target, request, timeout, |mut client, r| async move {
+            client.timeout_now(r).await
         });
-        let reply = call.await.map_err(|status| status.message().to_string())?;
-        let reply: TimeoutNowReply = codec::decode(&reply.into_inner().data).map_err(|e| e.to_string())?;
+        let reply: TimeoutNowReply = reply.await.map_err(|status| status.message().to_string())?;
         Ok(reply.refused)
     }
 

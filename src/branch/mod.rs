@@ -46,7 +46,7 @@ use crate::replication::demand::Waiting;
 use crate::replication::disk::StoreError;
 use crate::replication::network::PeerChannels;
 use crate::replication::store::{LogStore, StateMachine};
-use crate::replication::{NodeId, Proposal, Proposed, Raft, RaftTiming};
+use crate::replication::{NodeId, Proposal, Proposed, Raft, RaftTiming, codec};
 use crate::transport::{CertDir, TlsError};
 use crate::{metrics, telemetry, transport};
 
@@ -744,12 +744,35 @@ async fn submit_to(
         .collect())
 }
 
-/// A peer-API client for `target`, at the address the current membership gives it.
-fn peer_client(
-    raft: &Raft,
-    peers: &PeerChannels,
+/// One peer call whose request and reply travel bincode-encoded in a `RaftPayload` (the
+/// pre-vote, the hand-off's `TimeoutNow`): encoding, deadline and decoding in one place. Local
+/// failures come back as `Status`es too, so a caller can still tell an older peer's
+/// `Unimplemented` apart from them.
+async fn payload_call<Req, Rep, F, Fut>(
+    branch: &Branch,
     target: NodeId,
-) -> Result<proto::peer::peer_client::PeerClient<tonic::transport::Channel>, String> {
+    request: &Req,
+    timeout: Duration,
+    send: F,
+) -> Result<Rep, tonic::Status>
+where
+    Req: serde::Serialize,
+    Rep: serde::de::DeserializeOwned,
+    F: FnOnce(PeerClient, tonic::Request<proto::peer::RaftPayload>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<proto::peer::RaftPayload>, tonic::Status>>,
+{
+    let client = peer_client(&branch.inner.raft, &branch.inner.peers, target).map_err(tonic::Status::unavailable)?;
+    let data = codec::encode(request).map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let request = tonic::Request::new(proto::peer::RaftPayload { data });
+    let reply = transport::call(timeout, request, |r| send(client, r)).await?;
+    codec::decode(&reply.into_inner().data)
+        .map_err(|e| tonic::Status::internal(format!("undecodable reply from branch {target}: {e}")))
+}
+
+type PeerClient = proto::peer::peer_client::PeerClient<tonic::transport::Channel>;
+
+/// A peer-API client for `target`, at the address the current membership gives it.
+fn peer_client(raft: &Raft, peers: &PeerChannels, target: NodeId) -> Result<PeerClient, String> {
     let metrics = raft.metrics();
     let addr = metrics
         .borrow()

@@ -243,6 +243,7 @@ async fn serve(
 
     let customer_stop = CancellationToken::new();
     let peer_stop = CancellationToken::new();
+    let raft_stopping = CancellationToken::new();
     let customer_server = tokio::spawn(
         customer_router(
             Server::builder(),
@@ -254,7 +255,7 @@ async fn serve(
     let peer_server = tokio::spawn(
         Server::builder()
             .add_service(
-                PeerServer::new(PeerService::new(branch.clone(), peer_stop.clone()))
+                PeerServer::new(PeerService::new(branch.clone(), raft_stopping.clone()))
                     .max_decoding_message_size(MAX_PEER_MESSAGE)
                     .max_encoding_message_size(MAX_PEER_MESSAGE),
             )
@@ -345,6 +346,7 @@ async fn serve(
         }
         log_hand_off(config.id, branch.hand_off_leadership().await);
     }
+    raft_stopping.cancel();
     if let Err(e) = branch.raft().shutdown().await {
         tracing::warn!(branch = config.id, error = %e, "Raft did not stop cleanly");
     }

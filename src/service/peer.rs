@@ -20,16 +20,31 @@ use tracing::Instrument as _;
 
 pub struct PeerService {
     branch: Branch,
-    /// Ends the long-lived AppendEntries streams, which would otherwise hold the peer
-    /// server's graceful shutdown open for as long as the leader at the other end lives.
-    stop: CancellationToken,
+    /// Cancelled just before this branch's Raft stops. From then on Raft's messages are
+    /// refused as UNAVAILABLE (a stopped Raft core would answer them with a fatal error that
+    /// openraft also logs as one), and the long-lived AppendEntries streams end: they would
+    /// otherwise hold the peer server's graceful shutdown open for as long as the leader at
+    /// the other end lives.
+    raft_stopping: CancellationToken,
 }
 
 impl PeerService {
-    /// `stop`: cancelled when the peer server shuts down.
-    pub fn new(branch: Branch, stop: CancellationToken) -> PeerService {
-        PeerService { branch, stop }
+    pub fn new(branch: Branch, raft_stopping: CancellationToken) -> PeerService {
+        PeerService { branch, raft_stopping }
     }
+
+    /// This branch's Raft, while it is not stopping.
+    fn raft(&self) -> Result<&crate::replication::Raft, Status> {
+        running(&self.raft_stopping)?;
+        Ok(self.branch.raft())
+    }
+}
+
+fn running(raft_stopping: &CancellationToken) -> Result<(), Status> {
+    if raft_stopping.is_cancelled() {
+        return Err(Status::unavailable("this branch is stopping"));
+    }
+    Ok(())
 }
 
 /// A Raft message from its payload (unary calls and stream messages alike).
@@ -46,7 +61,7 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<RaftPayload, Status> {
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let result = self.branch.raft().append_entries(decode(request.get_ref())?).await;
+        let result = self.raft()?.append_entries(decode(request.get_ref())?).await;
         encode(&result).map(Response::new)
     }
 
@@ -58,22 +73,24 @@ impl Peer for PeerService {
         &self,
         request: Request<Streaming<RaftPayload>>,
     ) -> Result<Response<Self::AppendEntriesStreamStream>, Status> {
-        let raft = self.branch.raft().clone();
+        let raft = self.raft()?.clone();
+        let stopping = self.raft_stopping.clone();
         let replies = request
             .into_inner()
             .then(move |message| {
-                let raft = raft.clone();
+                let (raft, stopping) = (raft.clone(), stopping.clone());
                 async move {
-                    let result = raft.append_entries(decode(&message?)?).await;
-                    encode(&result)
+                    let request = decode(&message?)?;
+                    running(&stopping)?;
+                    encode(&raft.append_entries(request).await)
                 }
             })
-            .take_until(self.stop.clone().cancelled_owned());
+            .take_until(self.raft_stopping.clone().cancelled_owned());
         Ok(Response::new(Box::pin(replies)))
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let result = self.branch.raft().vote(decode(request.get_ref())?).await;
+        let result = self.raft()?.vote(decode(request.get_ref())?).await;
         encode(&result).map(Response::new)
     }
 
@@ -88,7 +105,7 @@ impl Peer for PeerService {
     }
 
     async fn install_snapshot(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let result = self.branch.raft().install_snapshot(decode(request.get_ref())?).await;
+        let result = self.raft()?.install_snapshot(decode(request.get_ref())?).await;
         encode(&result).map(Response::new)
     }
 
