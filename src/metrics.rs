@@ -237,9 +237,25 @@ impl Metrics {
         }
     }
 
+    fn pre_vote(&self, branch: NodeId, won: bool) {
+        let result = if won { "won" } else { "lost" };
+        self.pre_votes.get_or_create(&PreVoteLabels { branch, result }).inc();
+    }
+
+    fn tls_reload(&self, branch: NodeId, tls: &'static str, reloaded: bool) {
+        let result = if reloaded { "reloaded" } else { "failed" };
+        self.tls_reloads
+            .get_or_create(&TlsReloadLabels { branch, tls, result })
+            .inc();
+    }
+
     /// Copies openraft's current metrics of every registered branch into the gauges.
     fn refresh(&self) {
         let branches = self.branches.lock().unwrap_or_else(|p| p.into_inner());
+        // Rebuilt at every scrape: only a branch that leads now has per-peer lag figures (a
+        // former leader's are stale). Cleared once for all branches, not per branch: in a
+        // process that runs several, a follower must not wipe the leader's figures.
+        self.replication_lag.clear();
         for (&id, branch) in branches.iter() {
             let m = branch.raft().metrics().borrow().clone();
             let labels = BranchLabels { branch: id };
@@ -263,10 +279,6 @@ impl Metrics {
                 self.replication_lag
                     .get_or_create(&PeerLabels { branch: id, peer })
                     .set(gauge_value(last_log.saturating_sub(matched)));
-            }
-            if m.replication.is_none() {
-                // No longer the leader: its per-peer lag figures are stale.
-                self.replication_lag.clear();
             }
         }
     }
@@ -325,18 +337,14 @@ pub fn record_read_index(branch: NodeId, path: &'static str) {
 /// Counts one pre-vote round of `branch`, won or lost.
 pub fn record_pre_vote(branch: NodeId, won: bool) {
     if let Some(m) = metrics() {
-        let result = if won { "won" } else { "lost" };
-        m.pre_votes.get_or_create(&PreVoteLabels { branch, result }).inc();
+        m.pre_vote(branch, won);
     }
 }
 
 /// Counts one re-read of a changed TLS directory of `branch` (`tls`: peer or customer).
 pub fn record_tls_reload(branch: NodeId, tls: &'static str, reloaded: bool) {
     if let Some(m) = metrics() {
-        let result = if reloaded { "reloaded" } else { "failed" };
-        m.tls_reloads
-            .get_or_create(&TlsReloadLabels { branch, tls, result })
-            .inc();
+        m.tls_reload(branch, tls, reloaded);
     }
 }
 
@@ -432,4 +440,29 @@ pub async fn serve(
         }
     };
     Ok((bound, server))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The counters that move only on faults have no series on a healthy branch, so the
+    /// chart's alert test (tests/chart/test_alerts.py) cannot find them in a scrape: their
+    /// names and labels, as the alerts select them, are checked here.
+    #[test]
+    fn fault_counters_are_named_as_the_alerts_expect() {
+        let m = Metrics::new();
+        m.pre_vote(3, false);
+        m.tls_reload(2, "customer", false);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &m.registry).unwrap();
+        assert!(
+            text.contains("distbank_pre_votes_total{branch=\"3\",result=\"lost\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("distbank_tls_reloads_total{branch=\"2\",tls=\"customer\",result=\"failed\"} 1\n"),
+            "{text}"
+        );
+    }
 }
