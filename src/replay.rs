@@ -112,7 +112,7 @@ impl BranchClients {
                     address: address.clone(),
                     reason: e.to_string(),
                 })?;
-            channels.insert(branch, endpoint.connect_lazy());
+            channels.insert(branch, transport::connect_lazy(&endpoint));
         }
         Ok(BranchClients { channels })
     }

@@ -150,10 +150,10 @@ impl PeerChannels {
             Some(cached) if cached.address == addr && cached.tls_generation == generation => cached.channel.clone(),
             _ => {
                 let tls = tls.as_ref().map(|(_, config)| config);
-                let channel = transport::endpoint(addr, self.connect_timeout, tls)?
+                let endpoint = transport::endpoint(addr, self.connect_timeout, tls)?
                     .http2_keep_alive_interval(transport::PEER_KEEPALIVE)
-                    .keep_alive_timeout(transport::PEER_KEEPALIVE)
-                    .connect_lazy();
+                    .keep_alive_timeout(transport::PEER_KEEPALIVE);
+                let channel = transport::connect_lazy(&endpoint);
                 let cached = CachedChannel {
                     address: addr.to_string(),
                     tls_generation: generation,

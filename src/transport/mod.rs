@@ -1,5 +1,5 @@
 //! How connections are made, for every gRPC client and server in the crate: client endpoints
-//! (TCP_NODELAY, HTTP/2 keepalive, TLS), listeners with TLS ([`CertDir`], [`Incoming`]:
+//! (TCP_NODELAY, HTTP/2 keepalive, TLS, a bounded name lookup), listeners with TLS ([`CertDir`], [`Incoming`]:
 //! certificates from a directory laid out like a Kubernetes TLS Secret, followed while the
 //! branch runs), and local deadlines on outbound calls.
 
@@ -8,9 +8,13 @@ mod tls;
 pub use tls::{CA_FILE, CERT_FILE, CertDir, Conn, Incoming, KEY_FILE, RELOAD_INTERVAL, TlsError, TlsRole, read_ca};
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tonic::transport::{ClientTlsConfig, Endpoint};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// HTTP/2 pings on idle and busy connections. A peer that vanished without a reset (a removed
 /// pod, a dropped network) is noticed within interval + timeout, and the next call reconnects,
@@ -53,6 +57,63 @@ pub fn endpoint(address: &str, connect_timeout: Duration, tls: Option<&ClientTls
     }
 }
 
+/// How long a client waits for the name lookup of one connect; then the connect fails
+/// (UNAVAILABLE, "dns error") and the next one sends new queries.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A channel to `endpoint` that connects on first use and again after its connection is lost,
+/// with a bounded name lookup ([`LOOKUP_TIMEOUT`]). tonic's own `connect_lazy` bounds only the
+/// TCP connect (hyper's HTTP connector), so a lookup whose UDP query was lost waited out the
+/// resolver's own timeouts: glibc's 5 s per try, per search domain (a pod's `ndots:5` tries
+/// three first), up to a minute. Found in the e2e test: a restarted branch's peers could not
+/// reach it for 5-60 s. An abandoned lookup finishes on its blocking thread.
+pub fn connect_lazy(endpoint: &Endpoint) -> Channel {
+    let lookup = Lookup {
+        resolve: GaiResolver::new(),
+        timeout: LOOKUP_TIMEOUT,
+    };
+    let mut http = HttpConnector::new_with_resolver(lookup);
+    // As tonic sets up its own connector (TCP_NODELAY: docs/performance.md, Nagle).
+    http.enforce_http(false);
+    http.set_nodelay(endpoint.get_tcp_nodelay());
+    http.set_connect_timeout(endpoint.get_connect_timeout());
+    endpoint.connect_with_connector_lazy(http)
+}
+
+/// A name lookup (`resolve`, a hyper resolver) that gives up after `timeout`.
+#[derive(Clone)]
+struct Lookup<R> {
+    resolve: R,
+    timeout: Duration,
+}
+
+impl<R> tonic::codegen::Service<Name> for Lookup<R>
+where
+    R: tonic::codegen::Service<Name, Error = std::io::Error> + Send,
+    R::Future: Send + 'static,
+{
+    type Response = R::Response;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<R::Response, std::io::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.resolve.poll_ready(cx)
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let timeout = self.timeout;
+        let lookup = self.resolve.call(name.clone());
+        Box::pin(async move {
+            tokio::time::timeout(timeout, lookup).await.unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no address for {name} within {:.1} s", timeout.as_secs_f64()),
+                ))
+            })
+        })
+    }
+}
+
 /// Sends `request` through `send` with a deadline of `timeout`, on both sides: as
 /// `grpc-timeout`, so the server stops working on it, and locally, because tonic's client only
 /// sends the header: a call on a connection whose peer vanished would otherwise wait until TCP
@@ -78,6 +139,46 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A resolver that never answers, as glibc's while its query is lost.
+    #[derive(Clone)]
+    struct Silent;
+
+    impl tonic::codegen::Service<Name> for Silent {
+        type Response = std::vec::IntoIter<std::net::SocketAddr>;
+        type Error = std::io::Error;
+        type Future = std::future::Pending<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Name) -> Self::Future {
+            std::future::pending()
+        }
+    }
+
+    /// A channel whose name lookup hangs fails its call as UNAVAILABLE within the lookup
+    /// timeout (retried by every caller), long before the call's own deadline.
+    #[tokio::test]
+    async fn a_hung_lookup_fails_the_connect_as_unavailable() {
+        let lookup = Lookup {
+            resolve: Silent,
+            timeout: Duration::from_millis(100),
+        };
+        let mut http = HttpConnector::new_with_resolver(lookup);
+        http.enforce_http(false);
+        let endpoint = endpoint("branch-1.example:50051", Duration::from_secs(5), None).unwrap();
+        let channel = endpoint.connect_with_connector_lazy(http);
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let started = std::time::Instant::now();
+        let request = tonic::Request::new(tonic_health::pb::HealthCheckRequest::default());
+        let status = call(Duration::from_secs(20), request, |r| health.check(r))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    }
 
     #[tokio::test]
     async fn a_call_that_never_answers_fails_with_deadline_exceeded() {
