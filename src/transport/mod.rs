@@ -9,6 +9,8 @@ pub use tls::{CA_FILE, CERT_FILE, CertDir, Conn, Incoming, KEY_FILE, RELOAD_INTE
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -57,9 +59,12 @@ pub fn endpoint(address: &str, connect_timeout: Duration, tls: Option<&ClientTls
     }
 }
 
-/// How long a client waits for the name lookup of one connect; then the connect fails
-/// (UNAVAILABLE, "dns error") and the next one sends new queries.
+/// How long a client first waits for the name lookup of a connect; then the connect fails
+/// (UNAVAILABLE, "dns error") and the next one sends new queries, waiting twice as long after
+/// each lookup that timed out, up to [`LOOKUP_TIMEOUT_MAX`] (a resolver that is merely slow is
+/// still waited for), and [`LOOKUP_TIMEOUT`] again after one that answered.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
+pub const LOOKUP_TIMEOUT_MAX: Duration = Duration::from_secs(8);
 
 /// A channel to `endpoint` that connects on first use and again after its connection is lost,
 /// with a bounded name lookup ([`LOOKUP_TIMEOUT`]). tonic's own `connect_lazy` bounds only the
@@ -68,11 +73,7 @@ pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
 /// three first), up to a minute. Found in the e2e test: a restarted branch's peers could not
 /// reach it for 5-60 s. An abandoned lookup finishes on its blocking thread.
 pub fn connect_lazy(endpoint: &Endpoint) -> Channel {
-    let lookup = Lookup {
-        resolve: GaiResolver::new(),
-        timeout: LOOKUP_TIMEOUT,
-    };
-    let mut http = HttpConnector::new_with_resolver(lookup);
+    let mut http = HttpConnector::new_with_resolver(Lookup::new(GaiResolver::new(), LOOKUP_TIMEOUT));
     // As tonic sets up its own connector (TCP_NODELAY: docs/performance.md, Nagle).
     http.enforce_http(false);
     http.set_nodelay(endpoint.get_tcp_nodelay());
@@ -80,11 +81,29 @@ pub fn connect_lazy(endpoint: &Endpoint) -> Channel {
     endpoint.connect_with_connector_lazy(http)
 }
 
-/// A name lookup (`resolve`, a hyper resolver) that gives up after `timeout`.
+/// A name lookup (`resolve`, a hyper resolver) that gives up after a timeout: `base` at
+/// first, doubled after each lookup that timed out (shared by the connector's clones, one per
+/// connect), back to `base` after one that answered.
 #[derive(Clone)]
 struct Lookup<R> {
     resolve: R,
-    timeout: Duration,
+    base: Duration,
+    timeout_ms: Arc<AtomicU64>,
+}
+
+impl<R> Lookup<R> {
+    fn new(resolve: R, base: Duration) -> Lookup<R> {
+        let timeout_ms = Arc::new(AtomicU64::new(millis(base)));
+        Lookup {
+            resolve,
+            base,
+            timeout_ms,
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl<R> tonic::codegen::Service<Name> for Lookup<R>
@@ -101,15 +120,25 @@ where
     }
 
     fn call(&mut self, name: Name) -> Self::Future {
-        let timeout = self.timeout;
+        let timeout_ms = self.timeout_ms.clone();
+        let (base, max) = (millis(self.base), millis(LOOKUP_TIMEOUT_MAX).max(millis(self.base)));
+        let timeout = Duration::from_millis(timeout_ms.load(Ordering::Relaxed));
         let lookup = self.resolve.call(name.clone());
         Box::pin(async move {
-            tokio::time::timeout(timeout, lookup).await.unwrap_or_else(|_| {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no address for {name} within {:.1} s", timeout.as_secs_f64()),
-                ))
-            })
+            match tokio::time::timeout(timeout, lookup).await {
+                Ok(answer) => {
+                    timeout_ms.store(base, Ordering::Relaxed);
+                    answer
+                }
+                Err(_) => {
+                    let longer = millis(timeout).saturating_mul(2).min(max);
+                    timeout_ms.store(longer, Ordering::Relaxed);
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no address for {name} within {:.1} s", timeout.as_secs_f64()),
+                    ))
+                }
+            }
         })
     }
 }
@@ -162,11 +191,8 @@ mod tests {
     /// timeout (retried by every caller), long before the call's own deadline.
     #[tokio::test]
     async fn a_hung_lookup_fails_the_connect_as_unavailable() {
-        let lookup = Lookup {
-            resolve: Silent,
-            timeout: Duration::from_millis(100),
-        };
-        let mut http = HttpConnector::new_with_resolver(lookup);
+        let lookup = Lookup::new(Silent, Duration::from_millis(100));
+        let mut http = HttpConnector::new_with_resolver(lookup.clone());
         http.enforce_http(false);
         let endpoint = endpoint("branch-1.example:50051", Duration::from_secs(5), None).unwrap();
         let channel = endpoint.connect_with_connector_lazy(http);
@@ -178,6 +204,35 @@ mod tests {
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
         assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+        // The next lookup may take longer (a slow resolver is not cut off for good).
+        assert_eq!(lookup.timeout_ms.load(Ordering::Relaxed), 200);
+    }
+
+    /// The timeout doubles after each lookup that timed out, up to the cap, and is back to
+    /// its base after one that answered.
+    #[tokio::test(start_paused = true)]
+    async fn the_lookup_timeout_grows_while_lookups_time_out() {
+        use tonic::codegen::Service as _;
+        let mut lookup = Lookup::new(Silent, Duration::from_secs(1));
+        let name: Name = "branch-1.example".parse().unwrap();
+        let mut waited = Vec::new();
+        for _ in 0..6 {
+            let error = lookup.call(name.clone()).await.unwrap_err();
+            assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+            waited.push(error.to_string());
+        }
+        assert!(waited[0].ends_with("within 1.0 s"), "{waited:?}");
+        assert!(waited[3].ends_with("within 8.0 s"), "{waited:?}");
+        assert!(waited[5].ends_with("within 8.0 s"), "{waited:?}");
+        let mut answering = Lookup {
+            resolve: GaiResolver::new(),
+            base: lookup.base,
+            timeout_ms: lookup.timeout_ms.clone(),
+        };
+        let localhost: Name = "localhost".parse().unwrap();
+        tokio::time::resume();
+        answering.call(localhost).await.expect("localhost resolves");
+        assert_eq!(lookup.timeout_ms.load(Ordering::Relaxed), 1000);
     }
 
     #[tokio::test]
