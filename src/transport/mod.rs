@@ -203,6 +203,7 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("dns error"), "{status:?}");
         assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
         // The next lookup may take longer (a slow resolver is not cut off for good).
         assert_eq!(lookup.timeout_ms.load(Ordering::Relaxed), 200);
