@@ -176,14 +176,12 @@ run_step "checkov --framework dockerfile [Dockerfile]" \
 # The alert tests need promtool (Go) and a distbank binary.
 # shellcheck source=lib/go-tool.sh
 source "$ROOT/scripts/lib/go-tool.sh"
+# shellcheck source=lib/distbank-bin.sh
+source "$ROOT/scripts/lib/distbank-bin.sh"
 pytest_env=(HELM="$(command -v helm)" CHART="$CHART")
 pytest_args=()
 if PROMTOOL="$(go_tool promtool github.com/prometheus/prometheus/cmd/promtool "$PROMTOOL_VERSION")"; then
-  if [[ -z "${DISTBANK_BIN:-}" ]]; then
-    (cd "$ROOT" && cargo build --locked --quiet --bin distbank)
-    DISTBANK_BIN="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/distbank"
-  fi
-  pytest_env+=(PROMTOOL="$PROMTOOL" DISTBANK_BIN="$DISTBANK_BIN")
+  pytest_env+=(PROMTOOL="$PROMTOOL" DISTBANK_BIN="$(cd "$ROOT" && distbank_bin)")
 else
   log "SKIPPED tests/chart/test_alerts.py: Go is not installed, so promtool cannot be built"
   pytest_args+=(--ignore="$ROOT/tests/chart/test_alerts.py")

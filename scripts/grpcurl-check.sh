@@ -15,11 +15,9 @@ if ! grpcurl="$(go_tool grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl "$GR
   echo "grpcurl-check: SKIPPED: Go is not installed, so grpcurl cannot be built"
   exit 0
 fi
-bin="${DISTBANK_BIN:-}"
-if [[ -z "$bin" ]]; then
-  cargo build --locked --quiet --bin distbank
-  bin="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/distbank"
-fi
+# shellcheck source=lib/distbank-bin.sh
+source scripts/lib/distbank-bin.sh
+bin="$(distbank_bin)"
 
 # A base port whose branch ports (base+1..base+3) are free now.
 base=""

@@ -82,11 +82,9 @@ if [[ -n "$screenshot" ]]; then
       assets_path: $(cd "$ui" && pwd)"
 fi
 
-bin="${DISTBANK_BIN:-}"
-if [[ -z "$bin" ]]; then
-  cargo build --locked --quiet
-  bin="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/distbank"
-fi
+# shellcheck source=lib/distbank-bin.sh
+source scripts/lib/distbank-bin.sh
+bin="$(distbank_bin)"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/distbank-jaeger.XXXXXX")"
 jaeger_pid=""

@@ -31,7 +31,9 @@ step "cargo doc (broken intra-doc links fail)"
 RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
 step "cargo test"
 cargo test --locked
-debug_bin="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/distbank"
+# shellcheck source=lib/distbank-bin.sh
+source scripts/lib/distbank-bin.sh
+debug_bin="$(DISTBANK_BIN="" distbank_bin)"
 step "tracing end to end with a real Jaeger v2 (builds it once with Go; skipped without Go)"
 DISTBANK_BIN="$debug_bin" scripts/jaeger-e2e.sh
 step "grpcurl against a branch, through server reflection (builds grpcurl once with Go; skipped without Go)"

@@ -96,8 +96,6 @@ pub enum ClusterError {
 pub struct LocalCluster {
     branches: Vec<RunningBranch>,
     shutdown: CancellationToken,
-    /// Each branch's own stop, a child of `shutdown`, in the order of `branches`.
-    stops: Vec<CancellationToken>,
     /// The runtimes the branches run on; `None`: the caller's.
     cores: Option<&'static [tokio::runtime::Handle]>,
 }
@@ -147,7 +145,6 @@ impl LocalCluster {
         let shutdown = CancellationToken::new();
         let mut cluster = LocalCluster {
             branches: Vec::with_capacity(listeners.len()),
-            stops: Vec::with_capacity(listeners.len()),
             shutdown,
             cores,
         };
@@ -165,7 +162,6 @@ impl LocalCluster {
                 standalone: false,
             };
             let shutdown = cluster.shutdown.child_token();
-            cluster.stops.push(shutdown.clone());
             let start = async move {
                 // As a tokio listener on this runtime; the error names the address.
                 let adopt = |listener: std::net::TcpListener| {
@@ -282,13 +278,10 @@ impl LocalCluster {
     /// its Raft has stopped, nothing replicates to the others while they stop (a stopping
     /// branch refuses Raft's messages, and openraft logs each refused one as an error).
     pub async fn shutdown(mut self) -> Result<(), ClusterError> {
-        let branches = std::mem::take(&mut self.branches);
-        let stops = std::mem::take(&mut self.stops);
-        let (leaders, others): (Vec<_>, Vec<_>) = branches
+        let (leaders, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.branches)
             .into_iter()
-            .zip(stops)
-            .partition(|(running, _)| running.branch.raft().metrics().borrow().state.is_leader());
-        leaders.iter().for_each(|(_, stop)| stop.cancel());
+            .partition(|running| running.branch.raft().metrics().borrow().state.is_leader());
+        leaders.iter().for_each(RunningBranch::stop);
         let mut first_error = None;
         join_all_in_order(leaders, &mut first_error).await;
         self.shutdown.cancel();
@@ -298,8 +291,8 @@ impl LocalCluster {
 }
 
 /// Waits for each branch of `group` to stop; keeps the first error.
-async fn join_all_in_order(group: Vec<(RunningBranch, CancellationToken)>, first_error: &mut Option<ClusterError>) {
-    for (running, _) in group {
+async fn join_all_in_order(group: Vec<RunningBranch>, first_error: &mut Option<ClusterError>) {
+    for running in group {
         let id = running.branch.id();
         if let Err(source) = running.join().await {
             first_error.get_or_insert(ClusterError::Branch { id, source });

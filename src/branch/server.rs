@@ -34,6 +34,8 @@ pub struct RunningBranch {
     pub customer_addr: std::net::SocketAddr,
     pub peer_addr: std::net::SocketAddr,
     ready: watch::Receiver<bool>,
+    /// Cancelling it stops this branch (the token it was started with).
+    shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), BranchError>>,
 }
 
@@ -46,6 +48,11 @@ impl RunningBranch {
 
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow()
+    }
+
+    /// Asks this branch to stop ([`RunningBranch::join`] waits for it).
+    pub fn stop(&self) {
+        self.shutdown.cancel();
     }
 
     /// Waits until the branch has shut down (after its shutdown token was cancelled).
@@ -154,13 +161,14 @@ pub async fn start_with_health(
         health,
         health_service,
         ready_tx,
-        shutdown,
+        shutdown.clone(),
     ));
     Ok(RunningBranch {
         branch,
         customer_addr,
         peer_addr,
         ready: ready_rx,
+        shutdown,
         task,
     })
 }
