@@ -260,7 +260,7 @@ async fn send_with_retries(
         telemetry::inject_metadata(request.metadata_mut());
         let last_error = match transport::call(options.call_timeout, request, |r| client.msg_delivery(r)).await {
             Ok(reply) => return recv_from_reply(customer, event, reply.into_inner()),
-            Err(status) if retryable(status.code()) => status_summary(&status),
+            Err(status) if transport::is_transient(&status) => status_summary(&status),
             Err(status) => {
                 return Err(ReplayError::Refused {
                     customer,
@@ -284,14 +284,6 @@ async fn send_with_retries(
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
     }
-}
-
-/// Transient failures: the branch is down, restarting, electing, or the call timed out.
-fn retryable(code: tonic::Code) -> bool {
-    matches!(
-        code,
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown
-    )
 }
 
 fn recv_from_reply(customer: u64, event: &Event, reply: TransactionResponse) -> Result<Recv, ReplayError> {

@@ -59,10 +59,7 @@ async fn call(processes: &[BranchProcess], branch: u64, event_id: u64, operation
         match support::call(&mut bank, Some(event_id), operation, amount).await {
             Ok(reply) => return (reply.status, reply.balance),
             Err(status)
-                if matches!(
-                    status.code(),
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-                ) && started.elapsed() < Duration::from_secs(60) =>
+                if distbank::transport::is_transient(&status) && started.elapsed() < Duration::from_secs(60) =>
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

@@ -84,15 +84,7 @@ async fn client(
                 .insert(distbank::proto::EVENT_ID_METADATA, event_id.into());
             match bank.msg_delivery(request).await {
                 Ok(reply) => break reply.into_inner(),
-                Err(status)
-                    if matches!(
-                        status.code(),
-                        tonic::Code::Unavailable
-                            | tonic::Code::DeadlineExceeded
-                            | tonic::Code::Cancelled
-                            | tonic::Code::Unknown
-                    ) =>
-                {
+                Err(status) if distbank::transport::is_transient(&status) => {
                     assert!(
                         first.elapsed() < CALL_BUDGET,
                         "client {index}: {name} {amount} (event {event_id}) unanswered for {CALL_BUDGET:?}: {status}"
@@ -364,7 +356,7 @@ async fn nemesis_run(seed: u64) {
                     let mut bank = support::bank_client(&clients, branch);
                     match support::call(&mut bank, Some(event), "query", 0).await {
                         Err(status) if status.code() == tonic::Code::AlreadyExists => return None,
-                        Err(status) if status.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                        Err(status) if distbank::transport::is_transient(&status) && Instant::now() < deadline => {
                             tokio::time::sleep(Duration::from_millis(20)).await;
                         }
                         other => return Some((event, branch, format!("{other:?}"))),

@@ -165,6 +165,36 @@ where
     }
 }
 
+/// Whether a failed call may simply be sent again: the branch is down, restarting, electing or
+/// closing its connections, or the call ran out of time. Customer calls carry an event id, so a
+/// repeat is applied once.
+pub fn is_transient(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
+            true
+        }
+        // The connection failed under the call, here, rather than the server answering INTERNAL:
+        // a branch that shuts down gracefully sends GOAWAY, and tonic fails the calls the
+        // branch never took as INTERNAL "h2 protocol error" (gRPC's spec asks clients to retry
+        // those transparently; tonic's channel does not).
+        tonic::Code::Internal => failed_here(status),
+        _ => false,
+    }
+}
+
+/// A status made by this process's client from a transport error: a status read off the wire
+/// has no source.
+fn failed_here(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.downcast_ref::<tonic::transport::Error>().is_some() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +264,46 @@ mod tests {
         tokio::time::resume();
         answering.call(localhost).await.expect("localhost resolves");
         assert_eq!(lookup.timeout_ms.load(Ordering::Relaxed), 1000);
+    }
+
+    /// A server that says GOAWAY before taking any stream, as a branch that shuts down
+    /// gracefully does to calls that race with its goodbye: the call fails here as INTERNAL,
+    /// and is worth sending again. The frames are written by hand so the race always goes
+    /// the same way.
+    #[tokio::test]
+    async fn a_call_refused_by_goaway_is_transient() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            // SETTINGS (empty), then GOAWAY: last stream 0, NO_ERROR.
+            let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+            let goaway = [0u8, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            socket.write_all(&settings).await.unwrap();
+            socket.write_all(&goaway).await.unwrap();
+            // Hold the connection open until the client is done with it.
+            let mut sink = [0u8; 1024];
+            while socket.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        });
+        let endpoint = endpoint(&address.to_string(), Duration::from_secs(5), None).unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(connect_lazy(&endpoint));
+        let request = tonic::Request::new(tonic_health::pb::HealthCheckRequest::default());
+        let status = call(Duration::from_secs(20), request, |r| health.check(r))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+        assert!(is_transient(&status), "{status:?}");
+        drop(health);
+        server.await.unwrap();
+    }
+
+    /// INTERNAL answered by a server is a bug there, not a reason to try again.
+    #[test]
+    fn internal_from_the_server_is_not_transient() {
+        assert!(!is_transient(&tonic::Status::internal("a bug on the branch")));
+        assert!(!is_transient(&tonic::Status::invalid_argument("negative amount")));
+        assert!(is_transient(&tonic::Status::unavailable("electing")));
     }
 
     #[tokio::test]
