@@ -182,17 +182,10 @@ pub fn is_transient(status: &tonic::Status) -> bool {
     }
 }
 
-/// A status made by this process's client from a transport error: a status read off the wire
-/// has no source.
+/// A status made by this process's client from an error (hyper's, h2's, the connection's)
+/// carries that error as its source; one read off the wire (`grpc-status`) has none.
 fn failed_here(status: &tonic::Status) -> bool {
-    let mut source = std::error::Error::source(status);
-    while let Some(error) = source {
-        if error.downcast_ref::<tonic::transport::Error>().is_some() {
-            return true;
-        }
-        source = error.source();
-    }
-    false
+    std::error::Error::source(status).is_some()
 }
 
 #[cfg(test)]
