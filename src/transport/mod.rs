@@ -1,7 +1,8 @@
 //! How connections are made, for every gRPC client and server in the crate: client endpoints
 //! (TCP_NODELAY, HTTP/2 keepalive, TLS, a bounded name lookup), listeners with TLS ([`CertDir`], [`Incoming`]:
 //! certificates from a directory laid out like a Kubernetes TLS Secret, followed while the
-//! branch runs), and local deadlines on outbound calls.
+//! branch runs), local deadlines on outbound calls, and which failed calls are worth
+//! sending again ([`is_transient`]).
 
 mod tls;
 
