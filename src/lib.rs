@@ -29,7 +29,8 @@
 //!   [`replication::demand`]: learners no customer waits on get the writes in batches).
 //!   Elections are openraft's, but when a voter campaigns is the branch's own decision: only
 //!   after a pre-vote round finds a majority (the `election` module of [`branch`]), or at once
-//!   when a leader that is stopping asks it to take over (`handoff`, Raft's TimeoutNow).
+//!   when a leader that is stopping asks it to take over (`handoff`, Raft's TimeoutNow); a
+//!   voter that started with an empty data directory votes only once it has caught up.
 //! - [`account`] is the state machine itself, pure: balance, withdraw-fails-when-short, the
 //!   event-id → result table.
 //! - [`output`] writes the course-format output.json atomically.

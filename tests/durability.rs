@@ -19,6 +19,12 @@ const WAIT: Duration = Duration::from_secs(90);
 
 /// Three branches (all voting) with data directories under `dir`.
 fn start_three(dir: &Path) -> Vec<BranchProcess> {
+    start_three_with(dir, &[])
+}
+
+fn start_three_with(dir: &Path, extra: &[&str]) -> Vec<BranchProcess> {
+    let mut args = vec!["--voters".to_string(), "3".to_string()];
+    args.extend(extra.iter().map(|arg| arg.to_string()));
     let input = processes::write_input(dir, 3, INITIAL);
     let ports = free_ports(6);
     let peers = (1..=3u64)
@@ -35,7 +41,7 @@ fn start_three(dir: &Path) -> Vec<BranchProcess> {
                 peers: peers.clone(),
                 data_dir: dir.join(format!("data-{id}")),
                 log: dir.join(format!("branch-{id}.log")),
-                args: vec!["--voters".into(), "3".into()],
+                args: args.clone(),
             })
         })
         .collect()
@@ -260,4 +266,78 @@ async fn a_corrupted_log_is_refused_a_torn_tail_is_cut_off_and_an_emptied_voter_
     for id in 1..=3 {
         assert_eq!(balance(&branches, id, 60 + id).await, expected + 2, "branch {id}");
     }
+}
+
+/// A voter that lost its data must not help elect a voter that lacks an acknowledged write.
+/// The write is committed on the leader and branch X while branch Y is down; then X loses its
+/// directory and the leader dies. Y (without the write) and the emptied X are a majority:
+/// had X voted, Y would lead and the write would be gone for good, overwritten on the old
+/// leader when it came back. X withholds its vote instead, so nobody answers until the old
+/// leader is back, and then everyone has the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_voter_does_not_elect_a_leader_that_lacks_acknowledged_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Quick elections, and customer calls that give up quickly while there is no leader.
+    let fast = [
+        "--election-timeout-ms",
+        "300",
+        "--heartbeat-ms",
+        "50",
+        "--request-timeout",
+        "1",
+    ];
+    let mut branches = start_three_with(dir.path(), &fast);
+    all_serving(&branches).await;
+    let leader = wait_leader(&peer_addrs(&branches), WAIT).await;
+    let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let (x, y) = (others[0], others[1]);
+    let index = |id: u64| id as usize - 1;
+
+    branches[index(y)].kill9();
+    let (status, _) = call(&branches, leader, 1, "deposit", 100).await;
+    assert_eq!(status, "success");
+    let expected = (INITIAL + 100) as i32;
+    // On the leader and X; X loses it with its directory, then the leader dies.
+    assert_eq!(balance(&branches, x, 2).await, expected);
+    branches[index(x)].kill9();
+    let data = branches[index(x)].spec.data_dir.clone();
+    std::fs::rename(&data, data.with_extension("lost")).expect("move the directory away");
+    branches[index(leader)].kill9();
+    branches[index(y)].restart();
+    branches[index(x)].restart();
+
+    // Y would be elected within ~1.5 s with X's vote; for many election timeouts, no branch
+    // answers, and none ever answers without the write.
+    let clients = clients_for(&branches);
+    let window = Instant::now() + Duration::from_secs(6);
+    let mut event = 100;
+    while Instant::now() < window {
+        for id in [x, y] {
+            event += 1;
+            let mut bank = support::bank_client(&clients, id);
+            if let Ok(reply) = support::call(&mut bank, Some(event), "query", 0).await {
+                panic!(
+                    "branch {id} answered {reply:?} without the old leader; its log:\n{}",
+                    processes::tail(&branches[index(y)].log_text(), 3000)
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = branches[index(x)].log_text();
+    assert!(
+        log.contains("the data directory is empty: not voting until caught up"),
+        "{log}"
+    );
+
+    branches[index(leader)].restart();
+    all_serving(&branches).await;
+    for id in 1..=3 {
+        assert_eq!(balance(&branches, id, 200 + id).await, expected, "branch {id}");
+    }
+    let log = branches[index(x)].log_text();
+    assert!(
+        log.contains("caught up after starting with an empty data directory"),
+        "{log}"
+    );
 }

@@ -13,8 +13,22 @@
 //! always refuses. Only with a majority (itself included) is openraft's election triggered.
 //! The election itself (votes, terms, what a vote needs) stays openraft's: this only decides
 //! when to ask for one, so it cannot make two leaders, only (if it were wrong) none.
+//!
+//! **A voter that lost its data** (started with an empty `--data-dir`: a replaced disk, the
+//! recovery in docs/operations.md, an `emptyDir` pod recreated) has forgotten its vote and
+//! the entries it acknowledged, and Raft's safety rests on both: with three voters, a write
+//! committed on the leader and on this voter lives only on the leader now, and if the leader
+//! fails before this voter has caught up, the third voter (which never had the write) would
+//! win with this voter's vote and overwrite it. So until its first linearizable read succeeds
+//! (the readiness check: it has applied everything committed when it asked), such a voter
+//! withholds its vote, its pre-vote answers, its own campaign and hand-offs, except in the
+//! cluster's formation: for a candidate whose log holds nothing but the initial membership
+//! (index 0), there is nothing to lose, and a fresh install starts every voter empty. The
+//! price is availability in that window (no leader until the old one is back), never a lost
+//! write; in-memory branches keep no data to protect and never withhold.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use openraft::{LogId, ServerState};
@@ -52,6 +66,17 @@ pub(crate) struct Standing {
     pub last_log_id: Option<LogId<NodeId>>,
     /// The voters of each configuration (two during a membership change).
     pub configs: Vec<Vec<NodeId>>,
+    /// Started empty and not caught up yet (the module docs, "A voter that lost its data").
+    pub withholding: bool,
+}
+
+/// Why a voter that lost its data does not vote yet.
+pub(crate) const WITHHELD: &str =
+    "this branch started with an empty data directory and votes once it has caught up with a leader";
+
+/// Whether a log ends beyond the initial membership (index 0): whether it may hold writes.
+fn beyond_formation(log: Option<&LogId<NodeId>>) -> bool {
+    log.is_some_and(|id| id.index > 0)
 }
 
 /// Why a voter in `standing` would refuse `candidate_log` its vote now, as openraft's vote
@@ -64,6 +89,9 @@ pub(crate) fn refusal(
 ) -> Option<&'static str> {
     if standing.leads {
         return Some("this branch leads");
+    }
+    if standing.withholding && beyond_formation(candidate_log) {
+        return Some(WITHHELD);
     }
     if standing.vote_committed && standing.vote_updated.is_some_and(|updated| now <= updated + lease) {
         return Some("this branch heard from its leader within the leader lease");
@@ -78,6 +106,9 @@ pub(crate) fn refusal(
 /// random election timeout of this attempt (the only voter campaigns at once: nobody else can).
 pub(crate) fn election_due(standing: &Standing, now: Instant, lease: Duration, timeout: Duration) -> bool {
     if standing.leads || !standing.votes {
+        return false;
+    }
+    if standing.withholding && beyond_formation(standing.last_log_id.as_ref()) {
         return false;
     }
     if standing.configs.iter().all(|voters| voters.len() == 1) {
@@ -104,6 +135,7 @@ impl Branch {
     pub(crate) async fn standing(&self) -> Option<Standing> {
         let me = self.inner.id;
         let last_log_id = self.inner.log.last_log_id();
+        let withholding = self.withholding_votes();
         self.inner
             .raft
             .with_raft_state(move |state| {
@@ -115,10 +147,32 @@ impl Branch {
                     vote_updated: state.vote_last_modified(),
                     last_log_id,
                     configs: effective.get_joint_config().clone(),
+                    withholding,
                 }
             })
             .await
             .ok()
+    }
+
+    /// Why this branch refuses a candidate with `candidate_log` its vote before openraft sees
+    /// the request: it lost its data and has not caught up (the module docs).
+    pub(crate) fn vote_withheld(&self, candidate_log: Option<&LogId<NodeId>>) -> Option<&'static str> {
+        (self.withholding_votes() && beyond_formation(candidate_log)).then_some(WITHHELD)
+    }
+
+    pub(crate) fn withholding_votes(&self) -> bool {
+        self.inner.withholding_votes.load(Ordering::Acquire)
+    }
+
+    /// A linearizable read succeeded here: a branch that started empty holds everything
+    /// committed before it asked, and votes from now on.
+    pub(crate) fn caught_up(&self) {
+        if self.inner.withholding_votes.swap(false, Ordering::AcqRel) {
+            tracing::info!(
+                branch = self.inner.id,
+                "caught up after starting with an empty data directory: voting again"
+            );
+        }
     }
 
     /// Whether this branch is in touch with a leader: it leads and a quorum acknowledged it
@@ -310,7 +364,45 @@ mod tests {
             vote_updated: Some(updated),
             last_log_id: log(2, 10),
             configs: vec![vec![1, 2, 3]],
+            withholding: false,
         }
+    }
+
+    /// A voter that started empty and has not caught up: no vote, pre-vote or campaign for a
+    /// log that may hold writes; all of them in the cluster's formation.
+    #[tokio::test(start_paused = true)]
+    async fn a_voter_that_lost_its_data_takes_part_only_in_the_formation() {
+        let later = Instant::now() + LEASE * 2;
+        let empty = Standing {
+            vote_committed: false,
+            vote_updated: None,
+            last_log_id: None,
+            withholding: true,
+            ..follower(Instant::now())
+        };
+        for candidate in [log(1, 1), log(3, 50)] {
+            assert_eq!(refusal(&empty, candidate.as_ref(), later, LEASE), Some(WITHHELD));
+        }
+        let formation = Some(LogId::new(CommittedLeaderId::new(0, 0), 0));
+        assert_eq!(refusal(&empty, formation.as_ref(), later, LEASE), None);
+        // Its own campaign: not with a partial log, yes with only the initial membership.
+        let partial = Standing {
+            last_log_id: log(2, 4),
+            ..empty.clone()
+        };
+        assert!(!election_due(&partial, later, LEASE, TIMEOUT));
+        let initialized = Standing {
+            last_log_id: formation,
+            ..empty.clone()
+        };
+        assert!(election_due(&initialized, later, LEASE, TIMEOUT));
+        // Caught up, the same voter is an ordinary one.
+        let caught_up = Standing {
+            withholding: false,
+            ..partial
+        };
+        assert_eq!(refusal(&caught_up, log(2, 4).as_ref(), later, LEASE), None);
+        assert!(election_due(&caught_up, later, LEASE, TIMEOUT));
     }
 
     #[tokio::test(start_paused = true)]

@@ -351,6 +351,9 @@ impl Branch {
         if !standing.votes {
             return Some("this branch does not vote".into());
         }
+        if standing.withholding {
+            return Some(super::election::WITHHELD.into());
+        }
         if standing.last_log_id < request.last_log_id {
             return Some("this branch's log is behind the leader's".into());
         }

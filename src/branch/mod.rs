@@ -10,9 +10,9 @@
 //!
 //! Around them, in private modules: `server` runs a branch (its two gRPC listeners, start-up, shutdown),
 //! `membership` forms the cluster (voters, then every other branch as a non-voting replica),
-//! `election` decides when a voter campaigns (pre-vote), `handoff` moves the leadership
-//! away from a leader that stops (TimeoutNow), `query_records` puts query answers in the
-//! replicated log so restarts do not forget them,
+//! `election` decides when a voter campaigns (pre-vote) and when one that lost its data may
+//! vote again, `handoff` moves the leadership away from a leader that stops (TimeoutNow),
+//! `query_records` puts query answers in the replicated log so restarts do not forget them,
 //! `readiness` is what its health service reports.
 
 mod election;
@@ -163,6 +163,9 @@ struct Inner {
     hand_off: Arc<handoff::HandOffState>,
     /// Query answers on their way into the replicated log (standalone branches).
     query_records: query_records::QueryRecords,
+    /// Started with an empty data directory and not caught up yet: votes only in the
+    /// cluster's formation ([`election`]'s "A voter that lost its data").
+    withholding_votes: std::sync::atomic::AtomicBool,
 }
 
 /// One try at the leader, in [`Branch::with_leader`].
@@ -184,6 +187,7 @@ impl Branch {
     /// Wires a branch's operations to its Raft instance, replica and peer connections.
     fn new(config: &BranchConfig, raft: Raft, state: StateMachine, log: LogStore, peers: PeerChannels) -> Branch {
         let hand_off = Arc::new(handoff::HandOffState::new());
+        let started_empty = config.data_dir.is_some() && log.last_log_id().is_none();
         Branch {
             inner: Arc::new_cyclic(|inner: &std::sync::Weak<Inner>| {
                 // The rounds hold a weak handle: the coalescers' tasks end with the branch.
@@ -227,6 +231,7 @@ impl Branch {
                     peers,
                     hand_off,
                     query_records: query_records::QueryRecords::new(config.standalone),
+                    withholding_votes: std::sync::atomic::AtomicBool::new(started_empty),
                 }
             }),
         }

@@ -57,6 +57,7 @@ pub(super) async fn await_readiness(
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
+        branch.caught_up();
         set_readiness(branch.id(), &health, ServingStatus::Serving).await;
         let _ = ready.send(true);
         tracing::debug!(branch = branch.id(), "SERVING");

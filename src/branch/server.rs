@@ -141,6 +141,12 @@ pub async fn start_with_health(
     .await
     .map_err(|e| BranchError::Start(e.to_string()))?;
     let branch = Branch::new(&config, raft, state, log, peers);
+    if branch.withholding_votes() {
+        tracing::info!(
+            branch = config.id,
+            "the data directory is empty: not voting until caught up with a leader (unless the cluster is forming)"
+        );
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     // Liveness: the process serves gRPC. Readiness ("", "readiness", and the Bank service):

@@ -90,8 +90,13 @@ impl Peer for PeerService {
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let result = self.raft()?.vote(decode(request.get_ref())?).await;
-        encode(&result).map(Response::new)
+        let raft = self.raft()?;
+        let vote: openraft::raft::VoteRequest<crate::replication::NodeId> = decode(request.get_ref())?;
+        // A branch that lost its data must not vote until it has caught up (branch::election).
+        if let Some(why) = self.branch.vote_withheld(vote.last_log_id.as_ref()) {
+            return Err(Status::failed_precondition(why));
+        }
+        encode(&raft.vote(vote).await).map(Response::new)
     }
 
     async fn pre_vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
