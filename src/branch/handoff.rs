@@ -18,7 +18,8 @@
 //!    candidate's higher term) and, with five voters, a follower's once its lease from the
 //!    old leader has run out; until the window ends it retries each tick behind a pre-vote;
 //! 4. the old leader waits until the new leader has reached it (its vote may still be
-//!    needed until then), then stops.
+//!    needed until then), then stops; it gives up early once the voter it asked answers with
+//!    an error (it is stopping too, as when a whole StatefulSet is deleted).
 //!
 //! Nothing here decides who wins: votes and terms stay openraft's, so a failed hand-off
 //! costs only what a stop without one costs. Branches started together in one process
@@ -137,6 +138,11 @@ impl HandOffState {
         self.campaigning.store(running, Ordering::Release);
     }
 
+    /// Whether the election timer runs: false while the branch starts or stops.
+    pub(crate) fn campaigning(&self) -> bool {
+        self.campaigning.load(Ordering::Acquire)
+    }
+
     /// Resolves when a leader asks this branch to campaign.
     pub(crate) async fn asked(&self) {
         self.wake.notified().await;
@@ -177,6 +183,10 @@ const ASK_ROUNDS: u32 = 3;
 
 /// How long one `TimeoutNow` may take: a voter that does not answer is passed over.
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How often a leader that handed over asks its target again while no new leader has reached
+/// it: a refusal means the target is campaigning (its term moved on), an error that it stops.
+const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// How long a voter keeps campaigning after a leader asked, and how long that leader waits
 /// for the leadership to move: the lease plus the longest election timeout, by when the
@@ -225,17 +235,36 @@ impl Branch {
         // target's higher term on its next AppendEntries; it hears of the new leader from the
         // new leader itself.
         let mut server = self.inner.raft.server_metrics();
-        let new_leader = server.wait_for(|m| m.current_leader.is_some_and(|leader| leader != me));
-        match tokio::time::timeout_at(deadline, new_leader).await {
-            Ok(Ok(m)) => HandOff::Moved {
-                to: m.current_leader.unwrap_or(target),
-                after: started.elapsed(),
-            },
-            Ok(Err(_)) => HandOff::Failed("Raft stopped during the hand-off".into()),
-            Err(_) => HandOff::Failed(format!(
-                "branch {target} campaigned, but no new leader reached this branch within {:?}",
-                started.elapsed()
-            )),
+        let new_leader = async {
+            let leader = server.wait_for(|m| m.current_leader.is_some_and(|leader| leader != me));
+            leader.await.map(|m| m.current_leader)
+        };
+        tokio::pin!(new_leader);
+        // The target may stop too (a whole StatefulSet deleted at once): asked again now and
+        // then, it answers with an error once it is stopping or gone, and waiting on is useless.
+        let mut probe = tokio::time::interval_at(Instant::now() + PROBE_INTERVAL, PROBE_INTERVAL);
+        loop {
+            tokio::select! {
+                moved = &mut new_leader => return match moved {
+                    Ok(leader) => HandOff::Moved {
+                        to: leader.unwrap_or(target),
+                        after: started.elapsed(),
+                    },
+                    Err(_) => HandOff::Failed("Raft stopped during the hand-off".into()),
+                },
+                _ = tokio::time::sleep_until(deadline) => return HandOff::Failed(format!(
+                    "branch {target} campaigned, but no new leader reached this branch within {:?}",
+                    started.elapsed()
+                )),
+                _ = probe.tick() => {
+                    if let Err(e) = self.send_timeout_now(target, &request, deadline).await {
+                        return HandOff::Failed(format!(
+                            "branch {target} campaigned, then stopped answering after {:?}: {e}",
+                            started.elapsed()
+                        ));
+                    }
+                }
+            }
         }
     }
 
@@ -330,8 +359,14 @@ impl Branch {
         TimeoutNowReply { refused }
     }
 
+    /// Whether this branch's election timer runs: a branch starting or stopping cannot take
+    /// the leadership over (the peer service answers `TimeoutNow` with UNAVAILABLE then).
+    pub(crate) fn runs_elections(&self) -> bool {
+        self.inner.hand_off.campaigning()
+    }
+
     async fn timeout_now_refusal(&self, request: &TimeoutNowRequest) -> Option<String> {
-        if !self.inner.hand_off.campaigning.load(Ordering::Acquire) {
+        if !self.inner.hand_off.campaigning() {
             return Some("this branch is starting or stopping".into());
         }
         let (leader, term) = {
