@@ -37,9 +37,9 @@
 //!
 //! Around them: [`discovery`] (peer and branch addresses: lists, `{id}`/`{ordinal}` templates,
 //! StatefulSet ordinals), [`transport`] (how every connection is made: client endpoints, local
-//! deadlines on outbound calls, which failed calls are worth retrying, TLS from Secret-style directories, re-read while a branch runs
-//! so renewed certificates need no restart), [`proto`] (generated code and every wire
-//! conversion), [`telemetry`]
+//! deadlines on outbound calls, which failed calls are worth retrying, TLS from Secret-style
+//! directories, re-read while a branch runs so renewed certificates need no restart),
+//! [`proto`] (generated code and every wire conversion), [`telemetry`]
 //! (logging, OTLP trace export only when an endpoint is set, W3C context in gRPC metadata and
 //! in log entries), [`metrics`] (Prometheus `/metrics` on its own listener), [`bench`](mod@bench) (timed local runs for `distbank bench`), [`artifact`] (uploading
 //! output.json to a Kubernetes ConfigMap from the replay Job). The `distbank` binary
