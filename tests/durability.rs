@@ -1,7 +1,7 @@
 //! `distbank branch --data-dir`: what a branch acknowledged survives SIGKILL, a restarted branch
 //! recovers from its directory and catches up before it reports SERVING, the whole cluster
-//! survives being killed at once, query answers survive restarts, and a damaged log file is
-//! reported, never used.
+//! survives being killed at once, query answers survive restarts, a damaged log file is
+//! reported, never used, and a voter whose directory was lost votes only once caught up.
 
 mod support;
 
