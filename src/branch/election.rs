@@ -79,6 +79,12 @@ fn beyond_formation(log: Option<&LogId<NodeId>>) -> bool {
     log.is_some_and(|id| id.index > 0)
 }
 
+/// Why a voter that is `withholding` refuses a candidate with `candidate_log`: only outside
+/// the cluster's formation.
+fn withheld(withholding: bool, candidate_log: Option<&LogId<NodeId>>) -> Option<&'static str> {
+    (withholding && beyond_formation(candidate_log)).then_some(WITHHELD)
+}
+
 /// Why a voter in `standing` would refuse `candidate_log` its vote now, as openraft's vote
 /// handler would (a leader also refuses: it is alive, so nobody needs to replace it).
 pub(crate) fn refusal(
@@ -90,8 +96,8 @@ pub(crate) fn refusal(
     if standing.leads {
         return Some("this branch leads");
     }
-    if standing.withholding && beyond_formation(candidate_log) {
-        return Some(WITHHELD);
+    if let Some(why) = withheld(standing.withholding, candidate_log) {
+        return Some(why);
     }
     if standing.vote_committed && standing.vote_updated.is_some_and(|updated| now <= updated + lease) {
         return Some("this branch heard from its leader within the leader lease");
@@ -157,7 +163,7 @@ impl Branch {
     /// Why this branch refuses a candidate with `candidate_log` its vote before openraft sees
     /// the request: it lost its data and has not caught up (the module docs).
     pub(crate) fn vote_withheld(&self, candidate_log: Option<&LogId<NodeId>>) -> Option<&'static str> {
-        (self.withholding_votes() && beyond_formation(candidate_log)).then_some(WITHHELD)
+        withheld(self.withholding_votes(), candidate_log)
     }
 
     pub(crate) fn withholding_votes(&self) -> bool {

@@ -336,8 +336,16 @@ impl Branch {
     }
 
     /// The peer service's `TimeoutNow`: campaign now if this branch votes, follows the asking
-    /// leader in its term, and holds its whole log.
-    pub(crate) async fn answer_timeout_now(&self, request: &TimeoutNowRequest) -> TimeoutNowReply {
+    /// leader in its term, and holds its whole log. `Err` while this branch starts or stops
+    /// (its election timer does not run): answered as an error rather than a refusal, so a
+    /// leader waiting for this branch to take over stops waiting.
+    pub(crate) async fn answer_timeout_now(
+        &self,
+        request: &TimeoutNowRequest,
+    ) -> Result<TimeoutNowReply, &'static str> {
+        if !self.inner.hand_off.campaigning() {
+            return Err("this branch is starting or stopping");
+        }
         let refused = self.timeout_now_refusal(request).await;
         match &refused {
             None => {
@@ -356,19 +364,10 @@ impl Branch {
                 "not taking over from the stopping leader"
             ),
         }
-        TimeoutNowReply { refused }
-    }
-
-    /// Whether this branch's election timer runs: a branch starting or stopping cannot take
-    /// the leadership over (the peer service answers `TimeoutNow` with UNAVAILABLE then).
-    pub(crate) fn runs_elections(&self) -> bool {
-        self.inner.hand_off.campaigning()
+        Ok(TimeoutNowReply { refused })
     }
 
     async fn timeout_now_refusal(&self, request: &TimeoutNowRequest) -> Option<String> {
-        if !self.inner.hand_off.campaigning() {
-            return Some("this branch is starting or stopping".into());
-        }
         let (leader, term) = {
             let m = self.inner.raft.metrics();
             let m = m.borrow();

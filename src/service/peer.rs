@@ -105,13 +105,11 @@ impl Peer for PeerService {
     }
 
     async fn timeout_now(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let request = decode(request.get_ref())?;
-        // An error rather than a refusal: a leader waiting for this branch to take over stops
-        // waiting (branch::handoff).
-        if !self.branch.runs_elections() {
-            return Err(Status::unavailable("this branch is starting or stopping"));
-        }
-        let reply = self.branch.answer_timeout_now(&request).await;
+        let reply = self
+            .branch
+            .answer_timeout_now(&decode(request.get_ref())?)
+            .await
+            .map_err(Status::unavailable)?;
         encode(&reply).map(Response::new)
     }
 
