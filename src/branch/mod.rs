@@ -316,6 +316,7 @@ impl Branch {
     /// Appends `command` through the current leader, retrying across leader changes until
     /// `deadline`.
     async fn submit(&self, command: Command, deadline: Instant) -> Result<Committed, BranchError> {
+        let allowed = deadline.saturating_duration_since(Instant::now());
         let on_self = move || async move {
             match tokio::time::timeout_at(deadline, self.submit_local(command)).await {
                 Ok(Ok(committed)) => Try::Done(Ok(committed)),
@@ -333,8 +334,7 @@ impl Branch {
         match self.with_leader(deadline, on_self, on_leader).await {
             Ok(result) => result,
             Err(last_error) => Err(BranchError::Unavailable(format!(
-                "no commit within {:?}: {last_error}",
-                self.inner.request_timeout
+                "no commit within {allowed:.1?}: {last_error}"
             ))),
         }
     }

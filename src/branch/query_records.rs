@@ -80,8 +80,21 @@ impl Branch {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(RECORD_DELAY) => {}
             }
+            let answers = records.take();
             let deadline = Instant::now() + self.inner.request_timeout;
-            if self.record_pending_answers(deadline).await > 0 {
+            // A stop abandons the attempt (with no leader it would wait out the whole request
+            // timeout) and leaves the answers to the stop's own, shorter attempt. Any that were
+            // committed meanwhile are proposed again there, harmlessly: the first record wins.
+            let failed = tokio::select! {
+                failed = self.record(&answers, deadline) => failed,
+                _ = stop.cancelled() => {
+                    records.put_back(answers);
+                    return;
+                }
+            };
+            let retry = !failed.is_empty();
+            records.put_back(failed);
+            if retry {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(RETRY_AFTER) => records.added.notify_one(),
@@ -90,13 +103,19 @@ impl Branch {
         }
     }
 
-    /// Proposes every pending answer (through the leader, in as few entries as group commit
-    /// makes); returns how many could not be recorded by `deadline` (they stay pending).
+    /// Proposes every pending answer by `deadline`; returns how many could not be recorded
+    /// (they stay pending).
     pub(crate) async fn record_pending_answers(&self, deadline: Instant) -> usize {
         let answers = self.inner.query_records.take();
-        if answers.is_empty() {
-            return 0;
-        }
+        let failed = self.record(&answers, deadline).await;
+        let count = failed.len();
+        self.inner.query_records.put_back(failed);
+        count
+    }
+
+    /// Proposes `answers` (through the leader, in as few entries as group commit makes);
+    /// returns the ones not recorded by `deadline`.
+    async fn record(&self, answers: &[(u64, u64)], deadline: Instant) -> Vec<(u64, u64)> {
         let results = futures::future::join_all(
             answers
                 .iter()
@@ -104,7 +123,7 @@ impl Branch {
         )
         .await;
         let mut failed = Vec::new();
-        for (answer, result) in answers.into_iter().zip(results) {
+        for (&answer, result) in answers.iter().zip(results) {
             match result {
                 // Recorded, or the id already has a result (an earlier answer, or a write
                 // under the same id, which its customer was told about): nothing to keep.
@@ -118,9 +137,7 @@ impl Branch {
                 }
             }
         }
-        let count = failed.len();
-        self.inner.query_records.put_back(failed);
-        count
+        failed
     }
 }
 
