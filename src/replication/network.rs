@@ -344,22 +344,8 @@ impl PeerConnection {
             reply => reply,
         };
         crate::metrics::record_peer(self.owner, self.target, reply.is_ok());
-        let reply = reply.map_err(|status| self.transport_error(status))?;
+        let reply = reply.map_err(transport_error)?;
         self.decode_reply(&reply.data)
-    }
-
-    fn transport_error<E: std::error::Error>(
-        &self,
-        status: tonic::Status,
-    ) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
-        let error = TransportError(format!("{}: {}", status.code(), status.message()));
-        match status.code() {
-            // Openraft backs off from unreachable peers instead of retrying hot.
-            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
-                RPCError::Unreachable(Unreachable::new(&error))
-            }
-            _ => RPCError::Network(NetworkError::new(&error)),
-        }
     }
 
     // The error type is openraft's, fixed by the RaftNetwork trait.
@@ -399,7 +385,7 @@ impl PeerConnection {
             Rpc::InstallSnapshot => client.install_snapshot(request).await,
         };
         crate::metrics::record_peer(self.owner, self.target, reply.is_ok());
-        let reply = reply.map_err(|status| self.transport_error(status))?;
+        let reply = reply.map_err(transport_error)?;
         self.decode_reply(&reply.into_inner().data)
     }
 }
@@ -501,6 +487,19 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call(Rpc::Vote, &rpc, &option).await
+    }
+}
+
+/// A failed peer call as openraft's error: Unreachable makes it back off from the peer instead
+/// of retrying hot, for the same failures a customer would retry (the peer is down,
+/// restarting, closing its connections, or out of time).
+fn transport_error<E: std::error::Error>(status: tonic::Status) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+    let unreachable = crate::transport::is_transient(&status);
+    let error = TransportError(format!("{}: {}", status.code(), status.message()));
+    if unreachable {
+        RPCError::Unreachable(Unreachable::new(&error))
+    } else {
+        RPCError::Network(NetworkError::new(&error))
     }
 }
 
@@ -930,5 +929,19 @@ mod tests {
         send(&mut connection, commit_notice(3), LONG).await;
         assert_eq!(counts.streamed.load(Ordering::SeqCst), 2);
         assert_eq!(last_commit(&counts), Some(log_id(3)));
+    }
+
+    #[test]
+    fn peers_that_are_going_away_are_backed_off_from_and_refusals_are_not() {
+        let unreachable =
+            |status: Status| matches!(transport_error::<RaftError<NodeId>>(status), RPCError::Unreachable(_));
+        assert!(unreachable(Status::unavailable("tcp connect error")));
+        assert!(unreachable(Status::deadline_exceeded("no answer")));
+        assert!(unreachable(Status::cancelled("connection closed")));
+        assert!(unreachable(Status::unknown("the peer's handler failed")));
+        // INTERNAL is transient only when the connection failed here (a GOAWAY race,
+        // transport::tests); one the peer sent is an answer.
+        assert!(!unreachable(Status::internal("from the peer")));
+        assert!(!unreachable(Status::invalid_argument("undecodable")));
     }
 }
