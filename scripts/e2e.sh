@@ -25,7 +25,9 @@
 #      its output ConfigMap and nothing else (`kubectl auth can-i` with that token, plus a real
 #      forbidden request). In the small case every branch is then restarted with SIGTERM in
 #      turn, as a rolling update does (the leader must hand the leadership over), and the same
-#      replay runs again: its output must be the same.
+#      replay runs again: its output must be the same. Then a voter's claim is deleted with its
+#      Pod (docs/operations.md, the way back for a damaged data directory): the new Pod on a
+#      new, empty claim must catch up before SERVING, and the replay runs once more.
 # Everything started (containers by name, the network, the control plane by PID) is removed on
 # exit, also on failure. Each phase's wall time is printed at the end.
 #
@@ -198,6 +200,13 @@ new_pod() {
   [[ -n "$uid" && "$uid" != "$2" ]]
 }
 
+# new_claim CLAIM OLD_UID: the claim exists again, as a new object that is not being deleted.
+new_claim() {
+  local got
+  got="$(k get pvc "$1" -o jsonpath='{.metadata.uid} {.metadata.deletionTimestamp}' 2>/dev/null)" || return 1
+  [[ "$got" == *" " && "${got% }" != "$2" ]]
+}
+
 # await_job CONTAINER: waits for the replay Job's container to exit 0; its log goes to
 # $STATE/$NS-replay.log.
 await_job() {
@@ -223,6 +232,17 @@ if got != want:
     sys.exit(1)
 print(f"output.json from the ConfigMap equals {sys.argv[2]} ({len(got)} customer items)", file=sys.stderr)
 PY
+}
+
+# replay_again JOB_POD EXPECTED: the Job's pod runs once more (its output ConfigMap deleted
+# first, as a new release's Job would find it) and must give EXPECTED again.
+replay_again() {
+  local jc="${NS}_$1"
+  k delete configmap "$RELEASE-output" >/dev/null
+  podman rm -f "$jc" >/dev/null
+  jc="$(run_pod "$1")"
+  await_job "$jc"
+  compare_output "$2"
 }
 
 container_ip() { podman inspect --format "{{(index .NetworkSettings.Networks \"$NET\").IPAddress}}" "$1"; }
@@ -470,12 +490,42 @@ EOF
     # bridge's MAC address was pinned, above, 3 of 7 runs saw an election move it first.)
     ((handed == 1)) || die "rolling restart: $handed branches handed the leadership over, expected 1 (the leader)"
     log "rolling restart: $n branches exited 0 on SIGTERM and came back SERVING as new Pods; $handed handed the leadership over"
-    k delete configmap "$RELEASE-output" >/dev/null
-    podman rm -f "$jc" >/dev/null
-    jc="$(run_pod "$jpod")"
-    await_job "$jc"
-    compare_output "$expected"
+    replay_again "$jpod" "$expected"
     phase_done "[$case] rolling restart + replay again (same output)"
+
+    # docs/operations.md, "A branch refuses to start": the two commands that give a branch an
+    # empty data directory, run as written against a voter (branch 2). The StatefulSet
+    # controller makes a new Pod and a new claim (an empty volume); the branch must withhold
+    # its vote until it has caught up from the leader, turn SERVING, and the replay must still
+    # give the same output.
+    phase "[$case] a voter's claim replaced by an empty one (operations.md), then the replay again"
+    local claim old_claim_uid log_file
+    pod="$sts-1"
+    c="${NS}_$pod"
+    claim="data-$pod"
+    old_claim_uid="$(k get pvc "$claim" -o jsonpath='{.metadata.uid}')"
+    old_uid="$(k get pod "$pod" -o jsonpath='{.metadata.uid}')"
+    k delete pvc "$claim" --wait=false >/dev/null
+    k delete pod "$pod" --wait=false >/dev/null
+    # The kubelet's part of the deletion: SIGTERM, and the container goes.
+    podman stop -t 30 "$c" >/dev/null
+    code="$(podman inspect --format '{{.State.ExitCode}}' "$c")"
+    [[ "$code" == 0 ]] || die "$pod exited with $code after SIGTERM"
+    podman rm -f -t 0 "$c" >/dev/null
+    wait_for "a new $pod Pod" new_pod "$pod" "$old_uid"
+    wait_for "a new claim $claim" new_claim "$claim" "$old_claim_uid"
+    local restarted=$SECONDS
+    run_pod "$pod" >/dev/null
+    wait_for "$pod SERVING on its new, empty claim" serving "$c" "$probe_port"
+    log_file="$STATE/$NS-$pod-empty-claim.log"
+    podman logs "$c" >"$log_file" 2>&1
+    grep -q 'the data directory is empty: not voting until caught up' "$log_file" ||
+      { tail -n 20 "$log_file" >&2; die "$pod on a new claim did not start empty"; }
+    grep -q 'caught up after starting with an empty data directory: voting again' "$log_file" ||
+      { tail -n 20 "$log_file" >&2; die "$pod on a new claim turned SERVING without catching up first"; }
+    log "empty claim: $pod started on a new claim, withheld its vote, caught up, SERVING $((SECONDS - restarted)) s after its start"
+    replay_again "$jpod" "$expected"
+    phase_done "[$case] empty claim + replay again (same output)"
   fi
 
   # This case's containers go now: the next case gets the machine to itself.

@@ -166,14 +166,15 @@ start() {
   done
   log "kube-apiserver ready"
 
-  # The StatefulSet and Job controllers create the real Pod objects that the test runs; each
-  # controller uses its own ServiceAccount and bootstrap RBAC role, as in a real cluster.
+  # The StatefulSet and Job controllers create the real Pod objects that the test runs (and
+  # pvc-protection lets a deleted claim go once no pod uses it); each controller uses its own
+  # ServiceAccount and bootstrap RBAC role, as in a real cluster.
   start_bg "$dir" kube-controller-manager "$BIN/kube-controller-manager" \
     --kubeconfig "$dir/controller-manager.kubeconfig" \
     --authentication-kubeconfig "$dir/controller-manager.kubeconfig" \
     --authorization-kubeconfig "$dir/controller-manager.kubeconfig" \
     --bind-address 127.0.0.1 --secure-port 0 \
-    --controllers 'serviceaccount,statefulset,job,root-ca-cert-publisher,garbagecollector,ttl-after-finished,endpointslice' \
+    --controllers 'serviceaccount,statefulset,job,pvc-protection,root-ca-cert-publisher,garbagecollector,ttl-after-finished,endpointslice' \
     --root-ca-file "$pki/ca.crt" --service-account-private-key-file "$pki/sa.key" \
     --use-service-account-credentials=true --leader-elect=false --v=1
   sleep 0.2

@@ -10,7 +10,8 @@ kubelet, CoreDNS and the Service machinery would do for it in a cluster:
   spec.serviceAccountName/nodeName), configMapKeyRef, $(VAR) expansion in env and args, and
   KUBERNETES_SERVICE_HOST/PORT;
 - volumes: configMap and secret (keys or items), emptyDir (tmpfs with its sizeLimit), persistentVolumeClaim
-  (the claim must exist; a host directory per claim that outlives the pod) and projected
+  (the claim must exist and not be terminating; a host directory per claim object that
+  outlives the pod) and projected
   (serviceAccountToken from the TokenRequest API bound to this pod, configMap, downwardAPI) —
   i.e. the kube-api-access volume the ServiceAccount admission plugin adds;
 - security context: runAsUser/runAsGroup/fsGroup, runAsNonRoot (checked), readOnlyRootFilesystem,
@@ -171,11 +172,16 @@ def volumes(pod, state, args, gid):
             result[vname] = ("bind", root)
         elif "persistentVolumeClaim" in vol:
             # The claim must exist (the StatefulSet controller creates it from
-            # volumeClaimTemplates); its "volume" is a host directory named after the claim that
-            # outlives the pod, so a pod recreated under the same name gets its data back.
+            # volumeClaimTemplates); its "volume" is a host directory per claim object (name and
+            # uid) that outlives the pod: a pod recreated under the same name gets its data
+            # back, and a claim deleted and made again is a new, empty volume, as a
+            # provisioner's new PersistentVolume would be.
             claim = vol["persistentVolumeClaim"]["claimName"]
-            kubectl(["-n", ns, "get", "persistentvolumeclaim", claim, "-o", "name"], args.kubectl)
-            path = os.path.join(os.path.dirname(state), "..", "claims", f"{ns}_{claim}")
+            meta = json.loads(kubectl(["-n", ns, "get", "persistentvolumeclaim", claim, "-o", "json"], args.kubectl))["metadata"]
+            if meta.get("deletionTimestamp"):
+                # The kubelet does not start a pod on a claim being deleted (the pod stays Pending).
+                raise PodError(f"pod {name}: volume {vname}: claim {claim} is being deleted")
+            path = os.path.join(os.path.dirname(state), "..", "claims", f"{ns}_{claim}_{meta['uid']}")
             path = os.path.normpath(path)
             os.makedirs(path, exist_ok=True)
             if gid is not None:
