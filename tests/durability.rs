@@ -318,7 +318,7 @@ async fn an_emptied_voter_does_not_elect_a_leader_that_lacks_acknowledged_writes
             if let Ok(reply) = support::call(&mut bank, Some(event), "query", 0).await {
                 panic!(
                     "branch {id} answered {reply:?} without the old leader; its log:\n{}",
-                    processes::tail(&branches[index(y)].log_text(), 3000)
+                    processes::tail(&branches[index(id)].log_text(), 3000)
                 );
             }
         }

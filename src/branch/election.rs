@@ -74,15 +74,11 @@ pub(crate) struct Standing {
 pub(crate) const WITHHELD: &str =
     "this branch started with an empty data directory and votes once it has caught up with a leader";
 
-/// Whether a log ends beyond the initial membership (index 0): whether it may hold writes.
-fn beyond_formation(log: Option<&LogId<NodeId>>) -> bool {
-    log.is_some_and(|id| id.index > 0)
-}
-
 /// Why a voter that is `withholding` refuses a candidate with `candidate_log`: only outside
-/// the cluster's formation.
+/// the cluster's formation, i.e. when that log ends beyond the initial membership (index 0)
+/// and so may hold writes.
 fn withheld(withholding: bool, candidate_log: Option<&LogId<NodeId>>) -> Option<&'static str> {
-    (withholding && beyond_formation(candidate_log)).then_some(WITHHELD)
+    (withholding && candidate_log.is_some_and(|id| id.index > 0)).then_some(WITHHELD)
 }
 
 /// Why a voter in `standing` would refuse `candidate_log` its vote now, as openraft's vote
@@ -114,7 +110,8 @@ pub(crate) fn election_due(standing: &Standing, now: Instant, lease: Duration, t
     if standing.leads || !standing.votes {
         return false;
     }
-    if standing.withholding && beyond_formation(standing.last_log_id.as_ref()) {
+    // Its own log as the candidate's: a voter that lost its data campaigns only in the formation.
+    if withheld(standing.withholding, standing.last_log_id.as_ref()).is_some() {
         return false;
     }
     if standing.configs.iter().all(|voters| voters.len() == 1) {
