@@ -264,15 +264,19 @@ impl Branch {
             });
         }
         let committed = self.submit(command, deadline).await?;
-        // Answer only once this replica shows the change: the customer's own branch then
-        // reflects every write it acknowledged.
-        self.wait_applied(committed.log_index, deadline).await?;
+        // The answer is the leader's: the entry is committed and its result decided. This
+        // replica need not have applied it yet; a later query here first waits for the
+        // leader's commit index, which covers this write (docs/design.md, step 4).
         Ok(match committed.outcome {
-            Outcome::EventIdReused { .. } => Outcome::EventIdReused {
-                recorded: event_id
-                    .and_then(|id| self.inner.state.recorded_operation(id))
-                    .unwrap_or(operation),
-            },
+            Outcome::EventIdReused { .. } => {
+                // The peer API's reply does not carry the recorded operation: read it here.
+                self.wait_applied(committed.log_index, deadline).await?;
+                Outcome::EventIdReused {
+                    recorded: event_id
+                        .and_then(|id| self.inner.state.recorded_operation(id))
+                        .unwrap_or(operation),
+                }
+            }
             outcome => outcome,
         })
     }

@@ -1,8 +1,8 @@
 //! Learners nobody is waiting on get their entries in batches.
 //!
 //! A learner's acknowledgement counts for nothing in Raft: only the branch a customer is
-//! talking to needs a new entry at once (its customer waits for its own replica to apply the
-//! write, or for a read index). With many branches, sending every write to every learner as it
+//! talking to needs a new entry at once (its customer's next query waits for that replica to
+//! apply everything up to a read index). With many branches, sending every write to every learner as it
 //! happens is most of a write's cost: at 50 branches 47 of the 49 messages a sequential write
 //! causes go to learners whose customers are idle. openraft keeps one request in flight per
 //! peer and puts everything appended meanwhile into the next one; so once an *idle* learner
