@@ -265,6 +265,7 @@ fn flags_out_of_range_are_refused() {
             "--election-timeout-ms",
         ),
         (&["run", "in.json", "--voters", "0"][..], "--voters"),
+        (&["run", "in.json", "--snapshot-every", "0"][..], "--snapshot-every"),
         (&["run", "in.json", "--concurrency", "0"][..], "--concurrency"),
         (
             &["run", "in.json", "--retry-budget", "18446744073709551615"][..],

@@ -1,7 +1,8 @@
 //! `distbank branch --data-dir`: what a branch acknowledged survives SIGKILL, a restarted branch
 //! recovers from its directory and catches up before it reports SERVING, the whole cluster
 //! survives being killed at once, query answers survive restarts, a damaged log file is
-//! reported, never used, and a voter whose directory was lost votes only once caught up.
+//! reported, never used, a voter whose directory was lost votes only once caught up, and a
+//! branch behind the compacted log catches up from a snapshot.
 
 mod support;
 
@@ -265,6 +266,47 @@ async fn a_corrupted_log_is_refused_a_torn_tail_is_cut_off_and_an_emptied_voter_
     assert_eq!(status, "success");
     for id in 1..=3 {
         assert_eq!(balance(&branches, id, 60 + id).await, expected + 2, "branch {id}");
+    }
+}
+
+/// A branch that is behind what the others' logs still hold is sent a snapshot: with a
+/// snapshot every 10 entries the log keeps only the last one, so an emptied branch can only
+/// catch up from the leader's snapshot, which must carry the balance and the event-id table
+/// (a retried old event is answered, not applied again) and survive the branch's next restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_behind_the_compacted_log_catches_up_from_a_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut branches = start_three_with(dir.path(), &["--snapshot-every", "10"]);
+    all_serving(&branches).await;
+    for event in 100..140u64 {
+        let (status, _) = call(&branches, 1 + event % 3, event, "deposit", 5).await;
+        assert_eq!(status, "success", "event {event}");
+    }
+    let expected = (INITIAL + 200) as i32;
+    assert_eq!(balance(&branches, 1, 200).await, expected);
+
+    branches[2].kill9();
+    let data = branches[2].spec.data_dir.clone();
+    std::fs::rename(&data, data.with_extension("lost")).expect("move the directory away");
+    branches[2].restart();
+    wait_serving(&[&branches[2]], WAIT).await;
+    let log = branches[2].log_text();
+    assert!(log.contains("installed the leader's snapshot"), "{log}");
+    assert_eq!(balance(&branches, 3, 201).await, expected);
+    // The first deposit again, on the branch that only has the snapshot: recorded, not re-applied.
+    let (status, _) = call(&branches, 3, 100, "deposit", 5).await;
+    assert_eq!(status, "success");
+    assert_eq!(balance(&branches, 3, 202).await, expected);
+
+    // Restarted, it recovers from the snapshot it persisted, plus the entries after it.
+    branches[2].kill9();
+    branches[2].restart();
+    wait_serving(&[&branches[2]], WAIT).await;
+    assert_eq!(balance(&branches, 3, 203).await, expected);
+    let (status, _) = call(&branches, 3, 204, "deposit", 1).await;
+    assert_eq!(status, "success");
+    for id in 1..=3 {
+        assert_eq!(balance(&branches, id, 210 + id).await, expected + 1, "branch {id}");
     }
 }
 

@@ -82,6 +82,10 @@ pub struct RaftTiming {
     /// Whether the leader answers read-index requests from its read lease ([`lease`]) instead
     /// of confirming its leadership with a quorum round for every read.
     pub read_lease: bool,
+    /// A branch snapshots its state (balance and event-id tables) once this many log entries
+    /// were applied since its last snapshot, and then drops all but the last tenth of them
+    /// from its log. A peer that falls behind the dropped part gets the snapshot instead.
+    pub snapshot_every: u64,
 }
 
 impl RaftTiming {
@@ -102,9 +106,15 @@ impl Default for RaftTiming {
             election_timeout_min_ms: 1000,
             election_timeout_max_ms: 2000,
             read_lease: true,
+            snapshot_every: DEFAULT_SNAPSHOT_EVERY,
         }
     }
 }
+
+/// Log entries between snapshots by default: a snapshot serializes the whole state (up to
+/// ~8 MB with full event-id tables), so not too often; the log kept in memory between them is
+/// at most this many entries.
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 10_000;
 
 /// Builds and validates openraft's configuration.
 #[allow(clippy::result_large_err)] // openraft's error type, returned once at start-up
@@ -118,8 +128,9 @@ pub fn raft_config(timing: RaftTiming) -> Result<openraft::Config, openraft::Con
         // (crate::branch's election module), not by openraft's.
         enable_elect: false,
         // Snapshot and purge so the log does not grow without bound on long runs.
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
-        max_in_snapshot_log_to_keep: 1_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(timing.snapshot_every.max(1)),
+        // The last tenth stays, so a peer only slightly behind gets entries, not the snapshot.
+        max_in_snapshot_log_to_keep: timing.snapshot_every / 10,
         ..Default::default()
     }
     .validate()

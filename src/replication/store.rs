@@ -506,6 +506,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let state: MachineState =
             codec::decode_stored(&bytes).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         self.persist(meta, &bytes).await?;
+        // Rare and worth seeing: this replica was behind what the leader's log still holds.
+        tracing::info!(
+            branch = self.id,
+            snapshot_index = meta.last_log_id.map(|id| id.index),
+            bytes = bytes.len(),
+            "installed the leader's snapshot"
+        );
         let mut data = lock(&self.inner);
         data.state = state;
         data.snapshot = Some(StoredSnapshot {

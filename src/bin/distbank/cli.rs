@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use distbank::BASE_PORT;
 use distbank::cluster::ClusterOptions;
 use distbank::replay::ReplayOptions;
-use distbank::replication::RaftTiming;
+use distbank::replication::{DEFAULT_SNAPSHOT_EVERY, RaftTiming};
 use distbank::telemetry::LogFormat;
 
 /// The longest any timeout, budget or interval flag may be: a week. Past that a value is a
@@ -215,7 +215,15 @@ pub(crate) struct ConsensusArgs {
     /// heartbeat round to the voters for every read, or every batch of concurrent reads).
     #[arg(long, env = "DISTBANK_READ_MODE", value_enum, default_value_t = ReadModeArg::Lease)]
     pub(crate) read_mode: ReadModeArg,
+    /// Log entries applied between two snapshots of a branch's state; after each snapshot the
+    /// log keeps only the last tenth of them (like etcd's --snapshot-count). Fewer: less log in
+    /// memory and on disk, more snapshot work.
+    #[arg(long, env = "DISTBANK_SNAPSHOT_EVERY", default_value_t = DEFAULT_SNAPSHOT_EVERY, value_parser = clap::value_parser!(u64).range(1..=MAX_SNAPSHOT_EVERY))]
+    pub(crate) snapshot_every: u64,
 }
+
+/// Most entries between snapshots: the log held in memory between them must stay bounded.
+const MAX_SNAPSHOT_EVERY: u64 = 10_000_000;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub(crate) enum ReadModeArg {
@@ -390,6 +398,7 @@ impl ConsensusArgs {
             election_timeout_min_ms: self.election_timeout_ms,
             election_timeout_max_ms: self.election_timeout_ms.saturating_mul(2),
             read_lease: matches!(self.read_mode, ReadModeArg::Lease),
+            snapshot_every: self.snapshot_every,
         })
     }
 }
