@@ -79,7 +79,8 @@ pub fn outcome_to_peer(outcome: Outcome, balance_after: u64) -> (peer::Outcome, 
 }
 
 /// Decodes a [`peer::SubmitReply`]'s outcome. `EventIdReused` loses the recorded operation on
-/// the way (the customer's branch waits for its own replica to apply the entry and reads it there).
+/// the way (the customer's branch waits for its own replica to apply the entry and reads it
+/// there).
 pub fn outcome_from_peer(outcome: i32, balance: u64) -> Option<Outcome> {
     match peer::Outcome::try_from(outcome).ok()? {
         peer::Outcome::Success => Some(Outcome::Success),

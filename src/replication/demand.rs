@@ -1,14 +1,14 @@
 //! Learners nobody is waiting on get their entries in batches.
 //!
-//! A learner's acknowledgement counts for nothing in Raft: only the branch a customer is
-//! talking to needs a new entry at once (its customer's next query waits for that replica to
-//! apply everything up to a read index). With many branches, sending every write to every learner as it
-//! happens is most of a write's cost: at 50 branches 47 of the 49 messages a sequential write
-//! causes go to learners whose customers are idle. openraft keeps one request in flight per
-//! peer and puts everything appended meanwhile into the next one; so once an *idle* learner
-//! has acknowledged new entries, the leader's network holds that answer for up to a short
-//! linger, and the entries written meanwhile then go in one request: an idle learner gets one
-//! message per linger however many writes happen.
+//! A learner's acknowledgement counts for nothing in Raft: only the branch a customer is talking to
+//! needs a new entry at once (its customer's next query waits for that replica to apply everything
+//! up to a read index). With many branches, sending every write to every learner as it happens is
+//! most of a write's cost: at 50 branches 47 of the 49 messages a sequential write causes go to
+//! learners whose customers are idle. openraft keeps one request in flight per peer and puts
+//! everything appended meanwhile into the next one; so once an *idle* learner has acknowledged new
+//! entries, the leader's network holds that answer for up to a short linger, and the entries
+//! written meanwhile then go in one request: an idle learner gets one message per linger however
+//! many writes happen.
 //!
 //! A learner is *wanted* from the moment it forwards a write or asks for a read index
 //! ([`Demand::want`], which also ends a hold at once) until it has been sent what that request
