@@ -81,6 +81,28 @@ async fn balance(processes: &[BranchProcess], branch: u64, event_id: u64) -> i32
     balance
 }
 
+/// Deposits 1 on `branch` as `event_id`, then expects `balance_after` on every branch (its
+/// queries are events `first_query + id`): a recovered branch must also take new writes and
+/// pass them on.
+async fn deposit_one_everywhere(
+    processes: &[BranchProcess],
+    branch: u64,
+    event_id: u64,
+    balance_after: i32,
+    first_query: u64,
+) {
+    let (status, _) = call(processes, branch, event_id, "deposit", 1).await;
+    assert_eq!(status, "success", "deposit (event {event_id}) on branch {branch}");
+    expect_everywhere(processes, balance_after, first_query).await;
+}
+
+/// A linearizable read of `expected` on every branch (its queries are events `first_query + id`).
+async fn expect_everywhere(processes: &[BranchProcess], expected: i32, first_query: u64) {
+    for id in 1..=processes.len() as u64 {
+        assert_eq!(balance(processes, id, first_query + id).await, expected, "branch {id}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_sigkill_of_the_leader_and_of_every_branch() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -130,9 +152,7 @@ async fn acknowledged_writes_survive_sigkill_of_the_leader_and_of_every_branch()
         "whole cluster SERVING {:?} after a restart from disk",
         restarted.elapsed()
     );
-    for id in 1..=3 {
-        assert_eq!(balance(&branches, id, 300 + id).await, expected, "branch {id}");
-    }
+    expect_everywhere(&branches, expected, 300).await;
     // The event-id table survived too: a retried deposit is answered from it, not re-applied.
     let (status, _) = call(&branches, 2, 101, "deposit", 10).await;
     assert_eq!(status, "success");
@@ -200,9 +220,7 @@ async fn a_corrupted_log_is_refused_a_torn_tail_is_cut_off_and_an_emptied_voter_
     }
     let expected = (INITIAL + 100) as i32;
     // Every replica has applied everything (a linearizable read on each), then all stop.
-    for id in 1..=3 {
-        assert_eq!(balance(&branches, id, 20 + id).await, expected);
-    }
+    expect_everywhere(&branches, expected, 20).await;
     for branch in &mut branches {
         branch.kill9();
     }
@@ -248,11 +266,7 @@ async fn a_corrupted_log_is_refused_a_torn_tail_is_cut_off_and_an_emptied_voter_
     branches[1].restart();
     wait_serving(&[&branches[1]], WAIT).await;
     assert_eq!(balance(&branches, 2, 32).await, expected);
-    let (status, _) = call(&branches, 2, 33, "deposit", 1).await;
-    assert_eq!(status, "success");
-    for id in 1..=3 {
-        assert_eq!(balance(&branches, id, 40 + id).await, expected + 1, "branch {id}");
-    }
+    deposit_one_everywhere(&branches, 2, 33, expected + 1, 40).await;
 
     // The same for branch 1, the voter that forms the cluster when it finds itself
     // uninitialized: empty again, it must rejoin the existing cluster, not found a new one.
@@ -262,11 +276,7 @@ async fn a_corrupted_log_is_refused_a_torn_tail_is_cut_off_and_an_emptied_voter_
     branches[0].restart();
     wait_serving(&[&branches[0]], WAIT).await;
     assert_eq!(balance(&branches, 1, 50).await, expected + 1);
-    let (status, _) = call(&branches, 1, 51, "deposit", 1).await;
-    assert_eq!(status, "success");
-    for id in 1..=3 {
-        assert_eq!(balance(&branches, id, 60 + id).await, expected + 2, "branch {id}");
-    }
+    deposit_one_everywhere(&branches, 1, 51, expected + 2, 60).await;
 }
 
 /// A branch that is behind what the others' logs still hold is sent a snapshot: with a
@@ -303,11 +313,7 @@ async fn a_branch_behind_the_compacted_log_catches_up_from_a_snapshot() {
     branches[2].restart();
     wait_serving(&[&branches[2]], WAIT).await;
     assert_eq!(balance(&branches, 3, 203).await, expected);
-    let (status, _) = call(&branches, 3, 204, "deposit", 1).await;
-    assert_eq!(status, "success");
-    for id in 1..=3 {
-        assert_eq!(balance(&branches, id, 210 + id).await, expected + 1, "branch {id}");
-    }
+    deposit_one_everywhere(&branches, 3, 204, expected + 1, 210).await;
 }
 
 /// A voter that lost its data must not help elect a voter that lacks an acknowledged write.
@@ -374,9 +380,7 @@ async fn an_emptied_voter_does_not_elect_a_leader_that_lacks_acknowledged_writes
 
     branches[index(leader)].restart();
     all_serving(&branches).await;
-    for id in 1..=3 {
-        assert_eq!(balance(&branches, id, 200 + id).await, expected, "branch {id}");
-    }
+    expect_everywhere(&branches, expected, 200).await;
     let log = branches[index(x)].log_text();
     assert!(
         log.contains("caught up after starting with an empty data directory"),

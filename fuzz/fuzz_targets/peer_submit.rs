@@ -1,7 +1,9 @@
 //! Arbitrary batches of forwarded writes (`distbank.peer.v1.Peer/Submit`) over real gRPC against
 //! a real single-branch distbank (its own leader): no panic; a batch with any invalid write is
 //! refused with INVALID_ARGUMENT and changes nothing; an accepted batch answers every write, in
-//! order, exactly as a sequential model of the account with its event-id table does.
+//! order, exactly as a sequential model of the account with its event-id table does. A query
+//! with an event id is a write too: it records the answer (its amount) a branch gave to that
+//! query (`Command::RecordQuery`), and changes no balance.
 #![no_main]
 
 mod common;
@@ -27,8 +29,9 @@ struct FuzzWrite {
     traceparent: String,
 }
 
-/// What the model remembers per event id: the operation and amount, and the outcome.
-type Recorded = HashMap<u64, ((i32, u64), Outcome)>;
+/// What the model remembers per event id: the operation (with the amount for a deposit or
+/// withdrawal), and the outcome (with the balance recorded, for a query).
+type Recorded = HashMap<u64, ((i32, u64), (Outcome, u64))>;
 
 struct Model {
     balance: u64,
@@ -65,23 +68,32 @@ fn target() -> &'static Target {
     })
 }
 
-fn valid(operation: i32) -> bool {
-    operation == Operation::Deposit as i32 || operation == Operation::Withdraw as i32
+/// A write the leader must accept: a deposit or withdrawal, or a query's recorded answer,
+/// which needs the event id it is recorded under.
+fn valid(write: &Write) -> bool {
+    write.operation == Operation::Deposit as i32
+        || write.operation == Operation::Withdraw as i32
+        || (write.operation == Operation::Query as i32 && write.event_id.is_some())
 }
 
-/// The model's answer to one write, applied to `model`.
-fn apply(model: &mut Model, write: &Write) -> Outcome {
-    let key = (write.operation, write.amount);
+/// The model's answer (outcome, balance) to one write, applied to `model`: the balance is the
+/// one recorded for a query, 0 otherwise (customers are told a balance only for queries).
+fn apply(model: &mut Model, write: &Write) -> (Outcome, u64) {
+    let query = write.operation == Operation::Query as i32;
+    // A query's id matches any later answer to the same query: the first recorded one wins.
+    let key = (write.operation, if query { 0 } else { write.amount });
     if let Some(id) = write.event_id
-        && let Some((recorded_key, outcome)) = model.recorded.get(&id)
+        && let Some((recorded_key, answer)) = model.recorded.get(&id)
     {
         return if *recorded_key == key {
-            *outcome
+            *answer
         } else {
-            Outcome::EventIdReused
+            (Outcome::EventIdReused, 0)
         };
     }
-    let outcome = if write.operation == Operation::Deposit as i32 {
+    let outcome = if query {
+        Outcome::Balance
+    } else if write.operation == Operation::Deposit as i32 {
         match model.balance.checked_add(write.amount) {
             Some(sum) if sum <= MAX_BALANCE => {
                 model.balance = sum;
@@ -95,10 +107,11 @@ fn apply(model: &mut Model, write: &Write) -> Outcome {
     } else {
         Outcome::Fail
     };
+    let answer = (outcome, if query { write.amount } else { 0 });
     if let Some(id) = write.event_id {
-        model.recorded.insert(id, (key, outcome));
+        model.recorded.insert(id, (key, answer));
     }
-    outcome
+    answer
 }
 
 // `sender`: who the forwarding branch says it is (any id, or none as from an older release):
@@ -131,17 +144,14 @@ fuzz_target!(|input: (Vec<FuzzWrite>, Option<u64>)| {
         Err(status) => {
             assert_eq!(status.code(), Code::InvalidArgument, "unexpected status {status:?}");
             assert!(
-                writes.iter().any(|w| !valid(w.operation)),
+                writes.iter().any(|w| !valid(w)),
                 "a batch of valid writes was refused: {status:?}"
             );
             let after = target.cluster.local_balances()[&1];
             assert_eq!(after, before, "a refused batch changed the balance");
         }
         Ok(reply) => {
-            assert!(
-                writes.iter().all(|w| valid(w.operation)),
-                "an invalid write was accepted"
-            );
+            assert!(writes.iter().all(valid), "an invalid write was accepted");
             let results = reply.into_inner().results;
             assert_eq!(results.len(), writes.len(), "one result per write");
             for (write, result) in writes.iter().zip(&results) {
@@ -150,8 +160,9 @@ fuzz_target!(|input: (Vec<FuzzWrite>, Option<u64>)| {
                     "the leader refused {write:?}: {}",
                     result.error
                 );
-                let expected = apply(&mut model, write);
-                assert_eq!(result.outcome, expected as i32, "answer to {write:?}");
+                let (outcome, balance) = apply(&mut model, write);
+                assert_eq!(result.outcome, outcome as i32, "answer to {write:?}");
+                assert_eq!(result.balance, balance, "balance answered to {write:?}");
             }
             // The reply comes once the leader (the only branch) has applied the batch.
             let after = target.cluster.local_balances()[&1];
