@@ -96,6 +96,13 @@ async fn deposit_one_everywhere(
     expect_everywhere(processes, balance_after, first_query).await;
 }
 
+/// Moves a stopped branch's data directory aside (to `<dir>.<suffix>`), as an operator does
+/// with a lost or damaged one: the branch restarts empty.
+fn move_data_dir_away(branch: &BranchProcess, suffix: &str) {
+    let data = &branch.spec.data_dir;
+    std::fs::rename(data, data.with_extension(suffix)).expect("move the directory away");
+}
+
 /// A linearizable read of `expected` on every branch (its queries are events `first_query + id`).
 async fn expect_everywhere(processes: &[BranchProcess], expected: i32, first_query: u64) {
     for id in 1..=processes.len() as u64 {
@@ -261,8 +268,7 @@ async fn a_corrupted_log_is_refused_a_torn_tail_is_cut_off_and_an_emptied_voter_
     // The documented recovery for branch 2 (docs/operations.md): move its directory away. It
     // rejoins empty and the leader sends it everything, which is safe because the other two
     // voters, a majority, kept their data and stay up until it has caught up.
-    let data = branches[1].spec.data_dir.clone();
-    std::fs::rename(&data, data.with_extension("corrupt")).expect("move the directory away");
+    move_data_dir_away(&branches[1], "corrupt");
     branches[1].restart();
     wait_serving(&[&branches[1]], WAIT).await;
     assert_eq!(balance(&branches, 2, 32).await, expected);
@@ -271,8 +277,7 @@ async fn a_corrupted_log_is_refused_a_torn_tail_is_cut_off_and_an_emptied_voter_
     // The same for branch 1, the voter that forms the cluster when it finds itself
     // uninitialized: empty again, it must rejoin the existing cluster, not found a new one.
     branches[0].kill9();
-    let data = branches[0].spec.data_dir.clone();
-    std::fs::rename(&data, data.with_extension("lost")).expect("move the directory away");
+    move_data_dir_away(&branches[0], "lost");
     branches[0].restart();
     wait_serving(&[&branches[0]], WAIT).await;
     assert_eq!(balance(&branches, 1, 50).await, expected + 1);
@@ -296,8 +301,7 @@ async fn a_branch_behind_the_compacted_log_catches_up_from_a_snapshot() {
     assert_eq!(balance(&branches, 1, 200).await, expected);
 
     branches[2].kill9();
-    let data = branches[2].spec.data_dir.clone();
-    std::fs::rename(&data, data.with_extension("lost")).expect("move the directory away");
+    move_data_dir_away(&branches[2], "lost");
     branches[2].restart();
     wait_serving(&[&branches[2]], WAIT).await;
     let log = branches[2].log_text();
@@ -348,8 +352,7 @@ async fn an_emptied_voter_does_not_elect_a_leader_that_lacks_acknowledged_writes
     // On the leader and X; X loses it with its directory, then the leader dies.
     assert_eq!(balance(&branches, x, 2).await, expected);
     branches[index(x)].kill9();
-    let data = branches[index(x)].spec.data_dir.clone();
-    std::fs::rename(&data, data.with_extension("lost")).expect("move the directory away");
+    move_data_dir_away(&branches[index(x)], "lost");
     branches[index(leader)].kill9();
     branches[index(y)].restart();
     branches[index(x)].restart();

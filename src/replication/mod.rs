@@ -112,8 +112,8 @@ impl Default for RaftTiming {
 }
 
 /// Log entries between snapshots by default: a snapshot serializes the whole state (1.3 MB
-/// measured with 120,000 event ids recorded, so ~2 MB with a full table), so not too often; the log kept in memory between them is
-/// at most this many entries.
+/// measured with 120,000 event ids recorded, so ~2 MB with a full table), so not too often;
+/// the log kept in memory between them is at most this many entries.
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 10_000;
 
 /// Builds and validates openraft's configuration.
